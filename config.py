@@ -1,0 +1,288 @@
+"""The one configuration schema shared by train.py, evaluate.py and the tools.
+
+A run is described by a YAML file in configs/ with four sections (data, model, train, test), each mapped
+onto a dataclass below, plus `--set section.key=value` overrides from the command line. Values are parsed
+as YAML scalars and must have the field's type; an unknown key, a wrong type, a missing file or a value
+that breaks a cross-key rule raises ConfigError with one line that says where and what. YAML is read with
+`yaml.safe_load` semantics: a config file is data, never code.
+
+    python config.py k400_8x8x1.yaml --set train.lr=0.02     # print the resolved config as YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # folder the video paths of the list files are relative to
+    train_list: str = ""  # training list: '<video path> <label>' per line
+    val_list: str = ""  # list for per-epoch validation (1 clip x 1 centre crop)
+    test_list: str = ""  # list for evaluate.py (test.views per video)
+    class_names: str = ""  # optional file with one class name per line, in label order
+    clip_len: int = 8  # frames per clip (MMAction2 SampleFrames clip_len)
+    frame_interval: int = 8  # temporal stride between sampled frames, in frames
+    num_clips: int = 1  # clips per video per training sample
+    short_side: int = 256  # frames are resized so their short side has this many pixels
+    train_crop: int = 224  # RandomResizedCrop output side, in pixels
+    val_crop: int = 224  # CenterCrop side used for validation, in pixels
+    test_crop: int = 256  # ThreeCrop / CenterCrop side used by evaluate.py, in pixels
+    decode_device: str = "auto"  # where video is decoded: auto (gpu when CUDA is there), gpu (NVDEC), cpu
+    num_threads: int = 4  # DALI CPU worker threads per process
+    prefetch_batches: int = 2  # batches DALI prepares ahead of the training step
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 34  # ResNet(2+1)D depth: 18 or 34
+    base_channels: int = 64  # width of the first stage; 64 is the published model
+    num_classes: int = 400  # classifier outputs
+    dropout: float = 0.5  # dropout before the classifier, training only
+    sync_bn: bool = True  # SyncBatchNorm for the BN after each (2+1)D conv in multi-process runs
+    compile: bool = False  # wrap the model in torch.compile
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 180  # total training epochs
+    batch_size: int = 8  # clips per GPU (per process) per step
+    lr: float = 0.01  # SGD learning rate for a total batch of 64 (see --auto-scale-lr)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # L2 penalty on all parameters
+    clip_grad: float = 40.0  # max global L2 norm of the gradient; 0 disables clipping
+    val_interval: int = 20  # validate every this many epochs (and after the last)
+    amp: str = "bf16"  # mixed precision on a GPU: bf16, fp16 (with a grad scaler) or none
+    channels_last: bool = True  # channels_last_3d memory format on a GPU
+    log_interval: int = 20  # iterations between progress lines
+    checkpoint_interval: int = 10  # keep an extra numbered checkpoint every this many epochs; 0: none
+    seed: int = 0  # base seed of sampling, augmentation and initialisation
+
+
+@dataclass
+class TestConfig:
+    views: str = "10x3"  # clips x crops per video, e.g. 10x3 or 1x1
+    batch_size: int = 1  # whole videos per batch (each expands to clips x crops views)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+DECODE_DEVICES = ("auto", "gpu", "cpu")
+AMP_MODES = ("bf16", "fp16", "none")
+DEPTHS = (18, 34)
+VIEWS_PATTERN = re.compile(r"^([1-9][0-9]*)x([13])$")
+
+
+def parse_views(views: str) -> tuple[int, int]:
+    """`'10x3'` -> (num_clips, num_crops); crops must be 1 (centre) or 3 (ThreeCrop)."""
+    match = VIEWS_PATTERN.match(views)
+    if match is None:
+        raise ConfigError(f"test.views: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or a bare name looked up in configs/ (`k400_8x8x1.yaml`)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    for candidate in (CONFIG_DIR / given, CONFIG_DIR / f"{given}.yaml"):
+        if not given.is_absolute() and candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"{path}: no such config file (the ones in {CONFIG_DIR.name}/: {names})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config (or starts from the defaults when path is None) and applies `key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = resolve_config_path(path)
+        for key, value in _read_yaml(path).items():
+            _assign(cfg, key, value, where=str(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. --set train.lr=0.02")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: value is not a YAML scalar ({_first_line(e)})") from e
+        _assign(cfg, key.strip(), value, where="--set")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Cross-key and range checks; every rule about values lives here, not deep inside training."""
+    positive = [
+        "data.clip_len", "data.frame_interval", "data.num_clips", "data.short_side", "data.train_crop",
+        "data.val_crop", "data.test_crop", "data.num_threads", "data.prefetch_batches",
+        "model.base_channels", "model.num_classes", "train.epochs", "train.batch_size",
+        "train.val_interval", "train.log_interval", "test.batch_size",
+    ]
+    for key in positive:
+        if get_value(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
+    non_negative = ["train.lr", "train.momentum", "train.weight_decay", "train.clip_grad", "train.checkpoint_interval"]
+    for key in non_negative:
+        if get_value(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_value(cfg, key)}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    choices = {"data.decode_device": DECODE_DEVICES, "train.amp": AMP_MODES, "model.depth": DEPTHS}
+    for key, allowed in choices.items():
+        if get_value(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {get_value(cfg, key)!r}")
+    parse_views(cfg.test.views)
+    for key in ("data.train_crop", "data.val_crop", "data.test_crop"):
+        if get_value(cfg, key) > cfg.data.short_side:
+            raise ConfigError(f"{key}: crop {get_value(cfg, key)} is larger than data.short_side {cfg.data.short_side}")
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict[str, Any], where: str) -> Config:
+    """Rebuilds a Config from `config_to_dict` output (e.g. stored in a checkpoint), with the same checks."""
+    cfg = Config()
+    for key, value in _flatten(values, where).items():
+        _assign(cfg, key, value, where)
+    check_config(cfg)
+    return cfg
+
+
+def format_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(format_config(cfg))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    """The `--config` and `--set` flags every command shares."""
+    parser.add_argument("--config", required=config_required,
+                        help="YAML config: a path, or a file name in configs/ (e.g. k400_32x2x1.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set train.lr=0.02 (repeatable)")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
+    if tree is None:
+        return {}
+    return _flatten(tree, str(path))
+
+
+def _flatten(tree: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(tree).__name__}")
+    flat = {}
+    for section, values in tree.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section '{section}'{_suggest(str(section), SECTIONS)}; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys, got {type(values).__name__}")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def _assign(cfg: Config, key: str, value: Any, where: str) -> None:
+    section, dot, name = key.partition(".")
+    if section not in SECTIONS or not dot:
+        raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, _all_keys())}; "
+                          f"keys look like SECTION.NAME with sections {', '.join(SECTIONS)}")
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section]())}
+    if name not in fields:
+        raise ConfigError(f"{where}: unknown key '{key}'{_suggest(name, fields, prefix=section + '.')}; "
+                          f"valid keys of '{section}': {', '.join(fields)}")
+    expected = type(getattr(getattr(cfg, section), name))
+    setattr(getattr(cfg, section), name, _coerce(key, value, expected, where))
+
+
+def _coerce(key: str, value: Any, expected: type, where: str) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, factory in SECTIONS.items() for f in dataclasses.fields(factory())]
+
+
+def _suggest(name: str, candidates, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping instead of silently keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Print a resolved config as YAML.")
+    parser.add_argument("config", help="YAML config: a path, or a file name in configs/")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    try:
+        print(format_config(load_config(args.config, args.overrides)), end="")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
