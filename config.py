@@ -71,6 +71,8 @@ class TrainConfig:
     channels_last: bool = True  # channels_last_3d memory format on a GPU
     log_interval: int = 20  # iterations between progress lines
     checkpoint_interval: int = 10  # keep an extra numbered checkpoint every this many epochs; 0: none
+    checkpoint_every_iters: int = 500  # also rewrite latest.pth every this many iterations mid-epoch; 0: epoch ends only
+    fused_optimizer: str = "auto"  # SGD step: auto (PyTorch fused on a GPU, plain on a CPU), torch, apex (FusedSGD), none
     seed: int = 0  # base seed of sampling, augmentation and initialisation
 
 
@@ -78,6 +80,7 @@ class TrainConfig:
 class TestConfig:
     views: str = "10x3"  # clips x crops per video, e.g. 10x3 or 1x1
     batch_size: int = 1  # whole videos per batch (each expands to clips x crops views)
+    amp: str = "bf16"  # autocast dtype for inference on a GPU: bf16, fp16 or none (fp32, as MMAction2 tests)
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Config:
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 DECODE_DEVICES = ("auto", "gpu", "cpu")
 AMP_MODES = ("bf16", "fp16", "none")
+FUSED_OPTIMIZERS = ("auto", "torch", "apex", "none")
 DEPTHS = (18, 34)
 VIEWS_PATTERN = re.compile(r"^([1-9][0-9]*)x([13])$")
 
@@ -146,13 +150,15 @@ def check_config(cfg: Config) -> None:
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
-    non_negative = ["train.lr", "train.momentum", "train.weight_decay", "train.clip_grad", "train.checkpoint_interval"]
+    non_negative = ["train.lr", "train.momentum", "train.weight_decay", "train.clip_grad", "train.checkpoint_interval",
+                    "train.checkpoint_every_iters"]
     for key in non_negative:
         if get_value(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_value(cfg, key)}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
-    choices = {"data.decode_device": DECODE_DEVICES, "train.amp": AMP_MODES, "model.depth": DEPTHS}
+    choices = {"data.decode_device": DECODE_DEVICES, "train.amp": AMP_MODES, "model.depth": DEPTHS,
+               "train.fused_optimizer": FUSED_OPTIMIZERS, "test.amp": AMP_MODES}
     for key, allowed in choices.items():
         if get_value(cfg, key) not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {get_value(cfg, key)!r}")
