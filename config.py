@@ -46,6 +46,7 @@ class DataConfig:
     decode_device: str = "auto"  # where video is decoded: auto (gpu when CUDA is there), gpu (NVDEC), cpu
     num_threads: int = 4  # DALI CPU worker threads per process
     prefetch_batches: int = 2  # batches DALI prepares ahead of the training step
+    source_workers: int = 0  # processes cutting video segments for DALI; 0: in the training process
 
 
 @dataclass
@@ -71,8 +72,8 @@ class TrainConfig:
     channels_last: bool = True  # channels_last_3d memory format on a GPU
     log_interval: int = 20  # iterations between progress lines
     checkpoint_interval: int = 10  # keep an extra numbered checkpoint every this many epochs; 0: none
-    checkpoint_every_iters: int = 500  # also rewrite latest.pth every this many iterations mid-epoch; 0: epoch ends only
-    fused_optimizer: str = "auto"  # SGD step: auto (PyTorch fused on a GPU, plain on a CPU), torch, apex (FusedSGD), none
+    checkpoint_every_iters: int = 500  # latest.pth every this many iterations within an epoch too; 0: epoch ends only
+    fused_optimizer: str = "auto"  # SGD step: auto (PyTorch fused on a GPU, plain on CPU), torch, apex (FusedSGD), none
     seed: int = 0  # base seed of sampling, augmentation and initialisation
 
 
@@ -150,8 +151,8 @@ def check_config(cfg: Config) -> None:
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
-    non_negative = ["train.lr", "train.momentum", "train.weight_decay", "train.clip_grad", "train.checkpoint_interval",
-                    "train.checkpoint_every_iters"]
+    non_negative = ["data.source_workers", "train.lr", "train.momentum", "train.weight_decay", "train.clip_grad",
+                    "train.checkpoint_interval", "train.checkpoint_every_iters"]
     for key in non_negative:
         if get_value(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_value(cfg, key)}")

@@ -1,0 +1,292 @@
+"""VideoLoader: list file in, batches of normalised clips `(N, 3, T, H, W)` out, decoded by DALI on the GPU or CPU.
+
+    loader = VideoLoader(cfg.data, "train", batch_size=8, num_classes=400, shard_id=rank, num_shards=world,
+                         device_id=local_rank, seed=0, dtype=torch.bfloat16, channels_last=True)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:   # batch.clips (B*V, 3, T, H, W), batch.labels (B,), batch.video_idx (B,)
+            ...
+
+What each batch holds is a pure function of (seed, epoch, batch index, shard): train draws the clip offsets, the
+crop box and the flip of video i from a generator seeded by (seed, epoch, i), and the epoch's order from
+(seed, epoch). So a run repeats exactly, and `set_epoch(epoch, start_batch)` resumes mid-epoch with the batches an
+uninterrupted run would have seen. The per-sample numbers are computed on the CPU in BatchSource (a picklable
+callable, so DALI can run it in worker processes); the decoding and pixel work run in DALI.
+
+Sharding: train pads the epoch's order by repetition to a multiple of the shard count (as MMAction2's
+DefaultSampler), so every rank runs the same number of batches and DDP cannot hang; the last batch may be partial.
+val/test give every video to exactly one shard, no padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from config import DataConfig
+from dali_pipes import geometry, sampling
+from dali_pipes.lists import ListError, VideoRecord, read_video_list
+from dali_pipes.pipelines import DALI_DTYPES, eval_pipeline, train_pipeline
+from dali_pipes.probe import CPU_CODECS, VideoInfo, probe_videos
+from dali_pipes.segments import read_segment
+
+LOG = logging.getLogger(__name__)
+MODES = ("train", "val", "test")
+_SHOWN_PATHS = 3
+
+
+class LoaderError(ValueError):
+    """A data set the loader cannot serve; the message is one line that says which file or key and what to do."""
+
+
+class Batch(NamedTuple):
+    clips: torch.Tensor  # (B*V, 3, T, H, W) normalised RGB; video b owns rows b*V:(b+1)*V, view v = crop*clips + clip
+    labels: torch.Tensor  # (B,) int64
+    video_idx: torch.Tensor  # (B,) int64, index into VideoLoader.records
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Everything BatchSource needs, in plain picklable values."""
+    mode: str
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    num_frames: tuple[int, ...]
+    infos: tuple[VideoInfo, ...]
+    clip_len: int
+    frame_interval: int
+    num_clips: int
+    num_crops: int
+    short_side: int
+    crop_size: int
+    seed: int
+    batch_size: int
+    shard_id: int
+    num_shards: int
+
+
+class BatchSource:
+    """DALI external source: the encoded bytes and per-sample parameters of batch `iteration` of an epoch.
+
+    DALI counts its own epochs from 0 (one per pipeline reset); `first_epoch` and `start_batch` map them onto
+    training epochs: DALI epoch k is training epoch first_epoch + k, and only the first one skips start_batch
+    batches (mid-epoch resume).
+    """
+
+    def __init__(self, spec: SourceSpec, first_epoch: int, start_batch: int):
+        self.spec = spec
+        self.first_epoch = first_epoch
+        self.start_batch = start_batch
+
+    def __call__(self, batch_info) -> list:
+        epoch = self.first_epoch + batch_info.epoch_idx
+        batch_index = batch_info.iteration + (self.start_batch if batch_info.epoch_idx == 0 else 0)
+        shard = shard_indices(self.spec, epoch)
+        begin = batch_index * self.spec.batch_size
+        if begin >= len(shard):
+            raise StopIteration
+        samples = [self.sample(int(i), epoch) for i in shard[begin:begin + self.spec.batch_size]]
+        return [list(column) for column in zip(*samples)]
+
+    def sample(self, index: int, epoch: int) -> tuple:
+        s = self.spec
+        info = s.infos[index]
+        if s.mode == "train":
+            frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
+                                            test_mode=False, rng=sampling.sample_rng(s.seed, epoch, index, 0))
+        else:
+            frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
+                                            test_mode=True)
+        frames = frames.reshape(-1)
+        encoded, base = read_segment(s.paths[index], info, int(frames.min()), int(frames.max()))
+        height, width = geometry.short_side_size(info.height, info.width, s.short_side)
+        size = (np.float32(height), np.float32(width))
+        label, video_idx = np.int64(s.labels[index]), np.int64(index)
+        if s.mode == "train":
+            rng = sampling.sample_rng(s.seed, epoch, index, 1)
+            y, x, h, w = geometry.random_resized_crop_box(height, width, rng)
+            flip = np.int32(rng.random() < 0.5)
+            return (encoded, (frames - base).astype(np.int32), *size, np.array([y, x], np.int32),
+                    np.array([h, w], np.int32), flip, label, video_idx)
+        if s.num_crops == 3:
+            boxes = geometry.three_crop_boxes(height, width, s.crop_size)
+        else:
+            boxes = [geometry.center_crop_box(height, width, s.crop_size)]
+        starts = [np.array(box[:2], np.int32) for box in boxes]
+        return (encoded, (frames - base).astype(np.int32), *size, np.array([s.crop_size] * 2, np.int32),
+                label, video_idx, *starts)
+
+
+def shard_indices(spec: SourceSpec, epoch: int) -> np.ndarray:
+    """Record indices this shard reads in `epoch`, in order."""
+    count = len(spec.paths)
+    if spec.mode != "train":
+        return np.arange(spec.shard_id, count, spec.num_shards)
+    order = np.random.default_rng([spec.seed, epoch]).permutation(count)
+    total = math.ceil(count / spec.num_shards) * spec.num_shards
+    order = np.resize(order, total)  # repeats from the start, like DefaultSampler(round_up=True)
+    return order[spec.shard_id::spec.num_shards]
+
+
+class VideoLoader:
+    """Batches of one list file for one process; see the module docstring."""
+
+    def __init__(self, data_cfg: DataConfig, mode: str, batch_size: int, num_classes: int, shard_id: int = 0,
+                 num_shards: int = 1, device_id: int | None = None, seed: int = 0, views: tuple[int, int] = (1, 1),
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} outside [0, {num_shards})")
+        self.mode = mode
+        self.batch_size = batch_size
+        self.device_id = device_id
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.source_workers = data_cfg.source_workers
+        self.num_threads = data_cfg.num_threads
+        self.prefetch = data_cfg.prefetch_batches
+        self.decode_device, self.augment_on_gpu = _placement(data_cfg.decode_device, device_id)
+        num_clips, num_crops = {"train": (data_cfg.num_clips, 1), "val": (1, 1), "test": views}[mode]
+        self.num_views = num_clips * num_crops
+        self.clip_len = data_cfg.clip_len
+        list_file = {"train": data_cfg.train_list, "val": data_cfg.val_list, "test": data_cfg.test_list}[mode]
+        if not list_file:
+            raise LoaderError(f"data.{mode}_list: no list file given for {mode}")
+        self.records, self.skipped, infos = _usable_videos(list_file, data_cfg.root, num_classes,
+                                                           data_cfg.num_threads)
+        if self.decode_device == "cpu":
+            _check_cpu_codecs(self.records, infos)
+        crop_size = {"train": data_cfg.train_crop, "val": data_cfg.val_crop, "test": data_cfg.test_crop}[mode]
+        self.spec = SourceSpec(
+            mode=mode, paths=tuple(r.path for r in self.records), labels=tuple(r.label for r in self.records),
+            num_frames=tuple(r.num_frames for r in self.records), infos=tuple(infos),
+            clip_len=data_cfg.clip_len, frame_interval=data_cfg.frame_interval, num_clips=num_clips,
+            num_crops=num_crops, short_side=data_cfg.short_side, crop_size=crop_size, seed=seed,
+            batch_size=batch_size, shard_id=shard_id, num_shards=num_shards)
+        self._epoch, self._start_batch = 0, 0
+        self._iterator = None
+        self._names: list[str] = []
+        self._next_dali_epoch = None  # the training epoch the iterator's next DALI epoch stands for
+
+    def __len__(self) -> int:
+        return math.ceil(len(shard_indices(self.spec, 0)) / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Selects the epoch the next iteration yields; start_batch skips batches an interrupted run completed."""
+        self._epoch, self._start_batch = epoch, start_batch
+
+    def __iter__(self):
+        epoch, start_batch = self._epoch, self._start_batch
+        self._start_batch = 0
+        expected = len(self) - start_batch
+        if expected <= 0:
+            return
+        reusable = self._iterator is not None and start_batch == 0 and (
+            self.mode != "train" or self._next_dali_epoch == epoch)
+        if not reusable:
+            self._build(epoch, start_batch)
+        self._next_dali_epoch = None  # an interrupted pass leaves DALI mid-epoch: rebuild next time
+        count = 0
+        for outputs in self._iterator:
+            count += 1
+            yield self._to_batch(outputs[0])
+        if count != expected:
+            raise RuntimeError(f"DALI yielded {count} batches for epoch {epoch}, expected {expected}")
+        self._next_dali_epoch = self._epoch = epoch + 1
+
+    def _build(self, first_epoch: int, start_batch: int) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        dali_dtype = DALI_DTYPES["float16" if self.dtype == torch.float16 else "float32"]
+        source = BatchSource(self.spec, first_epoch, start_batch)
+        common = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                      prefetch_queue_depth=self.prefetch, seed=self.spec.seed, source=source,
+                      decode_device=self.decode_device, augment_on_gpu=self.augment_on_gpu, dtype=dali_dtype,
+                      parallel=self.source_workers > 0)
+        if self.source_workers > 0:
+            common.update(py_num_workers=self.source_workers, py_start_method="spawn")
+        if self.mode == "train":
+            pipe = train_pipeline(crop_size=self.spec.crop_size, **common)
+            names = ["clips", "labels", "video_idx"]
+        else:
+            pipe = eval_pipeline(num_crops=self.spec.num_crops, **common)
+            names = ["labels", "video_idx"] + [f"crop{c}" for c in range(self.spec.num_crops)]
+        self._iterator = DALIGenericIterator([pipe], names, auto_reset=True,
+                                             last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        self._names = names
+
+    def _to_batch(self, outputs: dict) -> Batch:
+        crops = [outputs[n] for n in self._names if n.startswith("crop") or n == "clips"]
+        frames = torch.stack(crops, dim=1) if len(crops) > 1 else crops[0].unsqueeze(1)  # (B, crops, F, H, W, C)
+        b, _, _, h, w, c = frames.shape
+        clips = frames.reshape(b * self.num_views, self.clip_len, h, w, c).permute(0, 4, 1, 2, 3)
+        memory_format = torch.channels_last_3d if self.channels_last else torch.contiguous_format
+        clips = clips.to(dtype=self.dtype, memory_format=memory_format)
+        device = clips.device
+        labels = outputs["labels"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
+        video_idx = outputs["video_idx"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
+        return Batch(clips, labels, video_idx)
+
+
+def _placement(decode_device: str, device_id: int | None) -> tuple[str, bool]:
+    """(DALI decoder device, whether resizing and cropping run on the GPU)."""
+    if decode_device == "gpu" and device_id is None:
+        raise LoaderError("data.decode_device=gpu needs a CUDA device; this process has none "
+                          "(use data.decode_device=cpu or auto)")
+    if device_id is None:
+        return "cpu", False
+    return ("cpu", True) if decode_device == "cpu" else ("mixed", True)
+
+
+def _usable_videos(list_file: str, root: str, num_classes: int,
+                   num_workers: int) -> tuple[list[VideoRecord], list[tuple[str, str]], list[VideoInfo]]:
+    """Records whose files probe fine (frame counts settled), the skipped (path, reason) pairs, and their infos."""
+    try:
+        records = read_video_list(list_file, root, num_classes)
+    except ListError as e:
+        raise LoaderError(str(e)) from e
+    infos, failures = probe_videos([r.path for r in records], cache_file=f"{list_file}.probe.json",
+                                   num_workers=max(num_workers, 4))
+    usable, usable_infos, mismatched = [], [], []
+    for record in records:
+        info = infos.get(record.path)
+        if info is None:
+            continue
+        num_frames = info.num_frames
+        if record.num_frames is not None and record.num_frames != info.num_frames:
+            mismatched.append(f"{record.path} (list {record.num_frames}, file {info.num_frames})")
+            num_frames = min(record.num_frames, info.num_frames)
+        elif record.num_frames is not None:
+            num_frames = record.num_frames
+        usable.append(VideoRecord(record.path, record.label, num_frames))
+        usable_infos.append(info)
+    skipped = [(path, reason) for path, reason in failures.items()]
+    if skipped:
+        shown = "; ".join(f"{p}: {r}" for p, r in skipped[:_SHOWN_PATHS])
+        LOG.warning("%s: %d of %d videos cannot be read and are left out (%s%s)", list_file, len(skipped),
+                    len(records), shown, ", …" if len(skipped) > _SHOWN_PATHS else "")
+    if mismatched:
+        LOG.warning("%s: %d videos have another frame count in the list than in the file; using the smaller (%s%s)",
+                    list_file, len(mismatched), "; ".join(mismatched[:_SHOWN_PATHS]),
+                    ", …" if len(mismatched) > _SHOWN_PATHS else "")
+    if not usable:
+        raise LoaderError(f"{list_file}: none of the {len(records)} listed videos can be read "
+                          f"(first: {skipped[0][0]}: {skipped[0][1]}); check data.root ({root or '.'})")
+    return usable, skipped, usable_infos
+
+
+def _check_cpu_codecs(records: list[VideoRecord], infos: list[VideoInfo]) -> None:
+    other = [(r.path, i.codec) for r, i in zip(records, infos) if i.codec not in CPU_CODECS]
+    if other:
+        path, codec = other[0]
+        raise LoaderError(
+            f"{path}: {codec} video cannot be decoded on the CPU ({len(other)} of {len(records)} videos are not "
+            f"{'/'.join(CPU_CODECS)}); DALI decodes {codec} only on a GPU (NVDEC): run on a GPU with "
+            f"data.decode_device=auto or gpu, or re-encode to VP9 (tools/prepare_kinetics.py --reencode --codec vp9)")
