@@ -33,7 +33,7 @@ from config import DataConfig
 from dali_pipes import geometry, sampling
 from dali_pipes.lists import ListError, VideoRecord, read_video_list
 from dali_pipes.pipelines import DALI_DTYPES, eval_pipeline, train_pipeline
-from dali_pipes.probe import CPU_CODECS, VideoInfo, probe_videos
+from dali_pipes.probe import CPU_CODECS, VideoInfo, decode_error, mark_unreadable, probe_videos
 from dali_pipes.segments import read_segment
 
 LOG = logging.getLogger(__name__)
@@ -106,12 +106,13 @@ class BatchSource:
         frames = frames.reshape(-1)
         encoded, base = read_segment(s.paths[index], info, int(frames.min()), int(frames.max()))
         height, width = geometry.short_side_size(info.height, info.width, s.short_side)
-        size = (np.float32(height), np.float32(width))
-        label, video_idx = np.int64(s.labels[index]), np.int64(index)
+        # 0-d arrays, not numpy scalars: DALI's parallel external source accepts only arrays.
+        size = (np.array(height, np.float32), np.array(width, np.float32))
+        label, video_idx = np.array(s.labels[index], np.int64), np.array(index, np.int64)
         if s.mode == "train":
             rng = sampling.sample_rng(s.seed, epoch, index, 1)
             y, x, h, w = geometry.random_resized_crop_box(height, width, rng)
-            flip = np.int32(rng.random() < 0.5)
+            flip = np.array(rng.random() < 0.5, np.int32)
             return (encoded, (frames - base).astype(np.int32), *size, np.array([y, x], np.int32),
                     np.array([h, w], np.int32), flip, label, video_idx)
         if s.num_crops == 3:
@@ -159,8 +160,9 @@ class VideoLoader:
         list_file = {"train": data_cfg.train_list, "val": data_cfg.val_list, "test": data_cfg.test_list}[mode]
         if not list_file:
             raise LoaderError(f"data.{mode}_list: no list file given for {mode}")
-        self.records, self.skipped, infos = _usable_videos(list_file, data_cfg.root, num_classes,
-                                                           data_cfg.num_threads)
+        self.cache_file = probe_cache_file(list_file)
+        self.records, self.skipped, infos = probe_list(list_file, data_cfg.root, num_classes,
+                                                       max(data_cfg.num_threads, 4))
         if self.decode_device == "cpu":
             _check_cpu_codecs(self.records, infos)
         crop_size = {"train": data_cfg.train_crop, "val": data_cfg.val_crop, "test": data_cfg.test_crop}[mode]
@@ -194,12 +196,33 @@ class VideoLoader:
             self._build(epoch, start_batch)
         self._next_dali_epoch = None  # an interrupted pass leaves DALI mid-epoch: rebuild next time
         count = 0
-        for outputs in self._iterator:
-            count += 1
-            yield self._to_batch(outputs[0])
+        try:
+            for outputs in self._iterator:
+                count += 1
+                yield self._to_batch(outputs[0])
+        except RuntimeError as e:
+            self._iterator = None  # DALI invalidates a pipeline after an error
+            raise self._decode_failure(epoch, start_batch + count, e) from e
         if count != expected:
             raise RuntimeError(f"DALI yielded {count} batches for epoch {epoch}, expected {expected}")
         self._next_dali_epoch = self._epoch = epoch + 1
+
+    def _decode_failure(self, epoch: int, batch_index: int, error: RuntimeError) -> LoaderError:
+        """Finds which video of the batches in flight broke DALI, marks it unreadable in the probe cache so a rerun
+        or `--resume` leaves it out, and says so in one line."""
+        shard = shard_indices(self.spec, epoch)
+        begin = batch_index * self.batch_size
+        in_flight = dict.fromkeys(int(i) for i in shard[begin:begin + (self.prefetch + 1) * self.batch_size])
+        dali_error = next((line.strip() for line in str(error).splitlines() if "fail" in line.lower()),
+                          str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        for index in in_flight:
+            reason = decode_error(self.spec.paths[index], self.spec.infos[index].num_frames)
+            if reason is not None:
+                mark_unreadable(self.cache_file, self.spec.paths[index], reason)
+                return LoaderError(f"{self.spec.paths[index]}: {reason}; marked unreadable in {self.cache_file}, so "
+                                   f"a rerun or --resume leaves it out (DALI: {dali_error})")
+        paths = ", ".join(self.spec.paths[i] for i in list(in_flight)[:_SHOWN_PATHS])
+        return LoaderError(f"DALI failed on a batch holding one of {len(in_flight)} videos ({paths}, …): {dali_error}")
 
     def _build(self, first_epoch: int, start_batch: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -245,15 +268,22 @@ def _placement(decode_device: str, device_id: int | None) -> tuple[str, bool]:
     return ("cpu", True) if decode_device == "cpu" else ("mixed", True)
 
 
-def _usable_videos(list_file: str, root: str, num_classes: int,
-                   num_workers: int) -> tuple[list[VideoRecord], list[tuple[str, str]], list[VideoInfo]]:
-    """Records whose files probe fine (frame counts settled), the skipped (path, reason) pairs, and their infos."""
+def probe_cache_file(list_file: str) -> str:
+    return f"{list_file}.probe.json"
+
+
+def probe_list(list_file: str, root: str, num_classes: int,
+               num_workers: int = 8) -> tuple[list[VideoRecord], list[tuple[str, str]], list[VideoInfo]]:
+    """Records whose files probe fine (frame counts settled), the skipped (path, reason) pairs, and their infos.
+
+    Fills `<list_file>.probe.json`; a multi-process job can call this on one rank first so the others only read it.
+    """
     try:
         records = read_video_list(list_file, root, num_classes)
     except ListError as e:
         raise LoaderError(str(e)) from e
-    infos, failures = probe_videos([r.path for r in records], cache_file=f"{list_file}.probe.json",
-                                   num_workers=max(num_workers, 4))
+    infos, failures = probe_videos([r.path for r in records], cache_file=probe_cache_file(list_file),
+                                   num_workers=num_workers)
     usable, usable_infos, mismatched = [], [], []
     for record in records:
         info = infos.get(record.path)

@@ -121,6 +121,27 @@ def probe_videos(paths: list[str], cache_file: str | Path | None = None,
     return infos, failures
 
 
+def decode_error(path: str | Path, num_frames: int) -> str | None:
+    """Why `path` does not decode to `num_frames` frames (PyAV on the CPU, any codec), or None when it does."""
+    decoded = 0
+    try:
+        with av.open(str(path)) as container:
+            for _ in container.decode(video=0):
+                decoded += 1
+    except (av.FFmpegError, OSError) as e:
+        return f"decoding fails after {decoded} frames ({' '.join(str(e).split())})"
+    if decoded != num_frames:
+        return f"decodes to {decoded} frames, not the {num_frames} its packets promise"
+    return None
+
+
+def mark_unreadable(cache_file: str | Path, path: str, reason: str) -> None:
+    """Records a failure found at decode time in the cache, so later runs leave the video out (until it changes)."""
+    cache = _read_cache(cache_file)
+    cache[path] = {"stat": _file_stat(path), "error": reason}
+    _write_cache(cache_file, cache)
+
+
 def _probe_entry(path: str) -> dict:
     try:
         return {"info": asdict(probe_video(path))}

@@ -12,7 +12,7 @@ from dali_pipes import geometry
 from dali_pipes.loader import LoaderError, VideoLoader
 from dali_pipes.pipelines import MEAN_RGB, STD_RGB
 from dali_pipes.sampling import sample_frames, sample_rng
-from tools.make_synthetic import read_index
+from tools.make_synthetic import k400like_frames, read_index, write_video
 
 
 def write_list(tmp_path, entries, name="list.txt"):
@@ -237,3 +237,33 @@ def test_gpu_pipeline_matches_the_cpu_pipeline_on_vp9(index_list):
     cpu = next(iter(VideoLoader(data_config(index_list), "val", batch_size=5, num_classes=4)))
     gpu = next(iter(VideoLoader(data_config(index_list), "val", batch_size=5, num_classes=4, device_id=0)))
     torch.testing.assert_close(gpu.clips.cpu(), cpu.clips, atol=2 / 57, rtol=0)
+
+
+def test_worker_processes_prepare_the_same_batches(index_list):
+    def batches(workers):
+        cfg = data_config(index_list, source_workers=workers)
+        loader = VideoLoader(cfg, "train", batch_size=2, num_classes=4, seed=5)
+        loader.set_epoch(2)
+        return [(b.clips, b.video_idx.tolist()) for b in loader]
+
+    in_process, in_workers = batches(0), batches(1)
+    assert len(in_process) == len(in_workers) == 3
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(in_process, in_workers))
+
+
+def test_a_video_that_breaks_decoding_is_named_and_left_out_next_time(tmp_path):
+    good = write_video(tmp_path / "good.webm", k400like_frames(np.random.default_rng(0), 60, 48, 64), gop=16)
+    data = bytearray(good.read_bytes())
+    for position in range(len(data) // 3, 2 * len(data) // 3, 97):
+        data[position] ^= 0xFF  # packets still demux; their payload no longer decodes
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(bytes(data))
+    cfg = data_config(write_list(tmp_path, [(good, 0), (bad, 0)]), val_crop=40)
+    loader = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
+    assert len(loader.records) == 2  # probing reads packets only: the damage shows when decoding
+    with pytest.raises(LoaderError, match=r"bad\.webm: decoding fails after \d+ frames .*marked unreadable in "
+                                          r".*list\.txt\.probe\.json, so a rerun or --resume leaves it out"):
+        list(loader)
+    again = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
+    assert [r.path for r in again.records] == [str(good)] and again.skipped[0][0] == str(bad)
+    assert sum(len(b.labels) for b in again) == 1
