@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = ""  # folder the video paths of the list files are relative to
+    val_root: str = ""  # folder of the val list's videos, when not data.root (MMAction2 keeps videos_val apart)
+    test_root: str = ""  # folder of the test list's videos, when not data.root
     train_list: str = ""  # training list: '<video path> <label>' per line
     val_list: str = ""  # list for per-epoch validation (1 clip x 1 centre crop)
     test_list: str = ""  # list for evaluate.py (test.views per video)

@@ -161,7 +161,8 @@ class VideoLoader:
         if not list_file:
             raise LoaderError(f"data.{mode}_list: no list file given for {mode}")
         self.cache_file = probe_cache_file(list_file)
-        self.records, self.skipped, infos = probe_list(list_file, data_cfg.root, num_classes,
+        root = {"train": data_cfg.root, "val": data_cfg.val_root, "test": data_cfg.test_root}[mode] or data_cfg.root
+        self.records, self.skipped, infos = probe_list(list_file, root, num_classes,
                                                        max(data_cfg.num_threads, 4))
         if self.decode_device == "cpu":
             _check_cpu_codecs(self.records, infos)
