@@ -91,9 +91,12 @@ def clean_keyframes(packets: list[tuple[int, bool]]) -> tuple[int, ...]:
     return tuple(keyframes)
 
 
-def probe_videos(paths: list[str], cache_file: str | Path | None = None,
-                 num_workers: int = 8) -> tuple[dict[str, VideoInfo], dict[str, str]]:
-    """Probes many videos (cached); returns ({path: VideoInfo}, {path: reason}) for usable and unusable ones."""
+def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_workers: int = 8,
+                 progress=None) -> tuple[dict[str, VideoInfo], dict[str, str]]:
+    """Probes many videos (cached); returns ({path: VideoInfo}, {path: reason}) for usable and unusable ones.
+
+    `progress(done, total)`, when given, is called after each video that had to be probed.
+    """
     cache = _read_cache(cache_file) if cache_file else {}
     stats, todo = {}, []
     for path in dict.fromkeys(paths):
@@ -106,8 +109,10 @@ def probe_videos(paths: list[str], cache_file: str | Path | None = None,
         LOG.info("probing %d of %d videos (frame counts and keyframes) with %d threads",
                  len(todo), len(stats), num_workers)
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for path, entry in zip(todo, pool.map(_probe_entry, todo)):
+            for done, (path, entry) in enumerate(zip(todo, pool.map(_probe_entry, todo)), start=1):
                 cache[path] = {"stat": stats[path], **entry}
+                if progress is not None:
+                    progress(done, len(todo))
         if cache_file:
             _write_cache(cache_file, cache)
     infos, failures = {}, {}

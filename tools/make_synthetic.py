@@ -39,37 +39,65 @@ INDEX_LEVELS = 8  # per colour channel; 8**3 = 512 distinct frame indices
 INDEX_STEP = 256 // INDEX_LEVELS
 
 
+class VideoWriter:
+    """Encodes RGB uint8 frames (H, W, 3) one at a time, a keyframe every `gop` frames (encoder default: None).
+
+    `quality` is the CRF of VP9/H.264/HEVC (lower is better); 4:2:0 codecs need even width and height.
+    `container` forces the file format (e.g. 'webm' for a temporary name without the right extension).
+    """
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: float = 30, codec: str = "vp9",
+                 gop: int | None = None, quality: int = 30, container: str | None = None):
+        encoder, _ = CODECS[codec]
+        options = {}
+        if codec == "vp9":
+            options = {"deadline": "realtime", "cpu-used": "8", "crf": str(quality), "b:v": "0", "row-mt": "1"}
+        elif codec in ("h264", "hevc"):
+            options = {"preset": "veryfast", "crf": str(quality)}
+        if gop is not None:
+            options.update({"g": str(gop), "keyint_min": str(gop)})
+            if codec == "h264":
+                options["sc_threshold"] = "0"  # keyframes exactly every gop frames, not at detected scene cuts
+            elif codec == "hevc":
+                options["x265-params"] = f"keyint={gop}:min-keyint={gop}:scenecut=0:log-level=error"
+        rate = Fraction(fps).limit_denominator(1001)
+        self.container = av.open(str(path), "w", format=container)
+        self.stream = self.container.add_stream(encoder, rate=rate, options=options)
+        self.stream.width, self.stream.height = width, height
+        self.stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        self.stream.time_base = 1 / rate
+        self.frames = 0
+
+    def write(self, frame: np.ndarray | av.VideoFrame) -> None:
+        if isinstance(frame, np.ndarray):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        frame.pts = self.frames
+        self.container.mux(self.stream.encode(frame))
+        self.frames += 1
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode(None))
+        self.container.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.container.close()
+
+
 def write_video(path: str | Path, frames_thwc: np.ndarray, fps: int = 30, codec: str = "vp9",
                 gop: int | None = None, quality: int = 30) -> Path:
-    """Encodes RGB uint8 frames (T, H, W, 3) with a keyframe every `gop` frames (encoder default when None).
-
-    `quality` is the CRF of VP9/H.264/HEVC (lower is better); even H and W are needed for 4:2:0 codecs.
-    """
-    encoder, _ = CODECS[codec]
+    """Encodes RGB uint8 frames (T, H, W, 3) into `path` (see VideoWriter)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    num_frames, height, width, _ = frames_thwc.shape
-    options = {}
-    if codec == "vp9":
-        options = {"deadline": "realtime", "cpu-used": "8", "crf": str(quality), "b:v": "0", "row-mt": "1"}
-    elif codec in ("h264", "hevc"):
-        options = {"preset": "veryfast", "crf": str(quality)}
-    if gop is not None:
-        options.update({"g": str(gop), "keyint_min": str(gop)})
-        if codec == "h264":
-            options["sc_threshold"] = "0"  # keyframes exactly every gop frames, not at detected scene cuts
-        elif codec == "hevc":
-            options["x265-params"] = f"keyint={gop}:min-keyint={gop}:scenecut=0:log-level=error"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(encoder, rate=fps, options=options)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        for index in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames_thwc[index]), format="rgb24")
-            frame.pts = index
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    _, height, width, _ = frames_thwc.shape
+    with VideoWriter(path, width, height, fps, codec, gop, quality) as writer:
+        for frame in frames_thwc:
+            writer.write(frame)
     return path
 
 

@@ -1,0 +1,131 @@
+"""tools/prepare_kinetics.py on small generated Kinetics-like trees: lists, class order, problems, re-encoding."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from config import DataConfig
+from dali_pipes.loader import VideoLoader
+from dali_pipes.probe import probe_video
+from tools.make_synthetic import k400like_frames, write_video
+from tools.prepare_kinetics import main as prepare
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_clip(path: Path, codec: str = "vp9", frames: int = 24, seed: int = 0) -> Path:
+    return write_video(path, k400like_frames(np.random.default_rng(seed), frames, 48, 64), codec=codec, gop=8)
+
+
+def make_audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def kinetics_tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kinetics")
+    for split, per_class in (("videos_train", 2), ("videos_val", 1)):
+        for c, class_dir in enumerate(("zumba", "air_drumming", "abseiling")):
+            for i in range(per_class):
+                make_clip(root / split / class_dir / f"clip{i}.webm", seed=10 * c + i)
+    (root / "videos_train" / "abseiling" / "h264.mp4").parent.mkdir(exist_ok=True)
+    make_clip(root / "videos_train" / "abseiling" / "h264.mp4", codec="h264")
+    (root / "videos_train" / "zumba" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really" * 40)
+    (root / "videos_train" / "zumba" / "empty.mp4").write_bytes(b"")
+    make_audio_only(root / "videos_val" / "zumba" / "sound.mp4")
+    return root
+
+
+def read_list(path: Path) -> list[tuple[str, int]]:
+    return [(line.rsplit(" ", 1)[0], int(line.rsplit(" ", 1)[1])) for line in path.read_text().splitlines()]
+
+
+def test_class_folders_become_lists_with_sorted_class_indices(kinetics_tree, tmp_path):
+    prepare(["--train-dir", str(kinetics_tree / "videos_train"), "--val-dir", str(kinetics_tree / "videos_val"),
+             "--out", str(tmp_path), "--workers", "2"])
+    assert (tmp_path / "class_names.txt").read_text().splitlines() == ["abseiling", "air drumming", "zumba"]
+    train = read_list(tmp_path / "kinetics400_train_list_videos.txt")
+    assert sorted(train) == [("abseiling/clip0.webm", 0), ("abseiling/clip1.webm", 0), ("abseiling/h264.mp4", 0),
+                             ("air_drumming/clip0.webm", 1), ("air_drumming/clip1.webm", 1),
+                             ("zumba/clip0.webm", 2), ("zumba/clip1.webm", 2)]
+    assert sorted(read_list(tmp_path / "kinetics400_val_list_videos.txt")) == [
+        ("abseiling/clip0.webm", 0), ("air_drumming/clip0.webm", 1), ("zumba/clip0.webm", 2)]
+    summary = (tmp_path / "prepare_summary.txt").read_text()
+    assert "train: 7 usable, 2 left out" in summary and "val: 3 usable, 1 left out" in summary
+    assert "zumba/broken.mp4: cannot be read" in summary
+    assert "zumba/empty.mp4: empty file (0 bytes)" in summary
+    assert "zumba/sound.mp4: no video stream (audio only?)" in summary
+    # The lists load as they are, with the per-split roots MMAction2's layout needs.
+    cfg = DataConfig(root=str(kinetics_tree / "videos_train"), val_root=str(kinetics_tree / "videos_val"),
+                     train_list=str(tmp_path / "kinetics400_train_list_videos.txt"),
+                     val_list=str(tmp_path / "kinetics400_val_list_videos.txt"),
+                     short_side=48, train_crop=32, val_crop=32, num_threads=2)
+    val = VideoLoader(cfg, "val", batch_size=4, num_classes=3)
+    assert sorted(b for batch in val for b in batch.labels.tolist()) == [0, 1, 2] and not val.skipped
+
+
+def test_official_csvs_with_a_missing_clip(kinetics_tree, tmp_path):
+    flat = tmp_path / "flat"
+    make_clip(flat / "abc_000010_000020.webm", seed=1)
+    make_clip(flat / "air drumming" / "xyz_000000_000010.webm", seed=2)
+    (tmp_path / "validate.csv").write_text(
+        "label,youtube_id,time_start,time_end,split,is_cc\n"
+        "abseiling,abc,10,20,val,0\nair drumming,xyz,0,10,val,0\nzumba,gone,5,15,val,0\n")
+    out = tmp_path / "out"
+    prepare(["--val-csv", str(tmp_path / "validate.csv"), "--val-dir", str(flat), "--out", str(out)])
+    assert read_list(out / "kinetics400_val_list_videos.txt") == [("abc_000010_000020.webm", 0),
+                                                                   ("air drumming/xyz_000000_000010.webm", 1)]
+    assert (out / "class_names.txt").read_text().splitlines() == ["abseiling", "air drumming"]
+    assert "zumba/gone_000005_000015: missing" in (out / "prepare_summary.txt").read_text()
+
+
+def test_a_given_label_map_fixes_the_order(kinetics_tree, tmp_path):
+    (tmp_path / "label_map.txt").write_text("zumba\nabseiling\nair drumming\nyoga\n")
+    prepare(["--val-dir", str(kinetics_tree / "videos_val"), "--out", str(tmp_path / "out"),
+             "--class-names", str(tmp_path / "label_map.txt")])
+    assert sorted(read_list(tmp_path / "out" / "kinetics400_val_list_videos.txt")) == [
+        ("abseiling/clip0.webm", 1), ("air_drumming/clip0.webm", 2), ("zumba/clip0.webm", 0)]
+
+
+def test_reencoding_is_resumable_and_never_leaves_partial_files(tmp_path):
+    source = tmp_path / "src"
+    for i in range(8):
+        make_clip(source / f"class{i % 2}" / f"clip{i}.mp4", codec="h264", frames=90, seed=i)
+    command = [sys.executable, "tools/prepare_kinetics.py", "--train-dir", str(source), "--out", str(tmp_path / "out"),
+               "--reencode", "--codec", "vp9", "--gop", "8", "--short-side", "32", "--workers", "1"]
+    target = tmp_path / "out" / "reencoded" / "train"
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(target.rglob("clip*.webm"))) < 2:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in target.rglob("clip*.webm")}
+    assert 2 <= len(finished) < 8, "the run was not interrupted part-way"
+    for path in finished:  # whatever carries a final name is complete
+        assert probe_video(path).num_frames == 90
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    outputs = sorted(target.rglob("*.webm"))
+    assert len(outputs) == 8 and not list(target.rglob("*.partial*"))
+    assert all(finished[p] == p.stat().st_mtime_ns for p in finished), "finished files were encoded again"
+    info = probe_video(outputs[0])
+    assert (info.num_frames, info.codec, min(info.width, info.height)) == (90, "vp9", 32)
+    assert info.keyframes == tuple(range(0, 90, 8))
+    listed = read_list(tmp_path / "out" / "kinetics400_train_list_videos.txt")
+    assert sorted(name for name, _ in listed) == sorted(p.relative_to(target).as_posix() for p in outputs)

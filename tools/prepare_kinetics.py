@@ -1,0 +1,268 @@
+"""Kinetics-400 list files from a download: class folders or the official CSVs; optional re-encode with short GOPs.
+
+    # class-folder trees: videos_train/<class name>/<clip>.mp4 and videos_val/<class name>/<clip>.mp4
+    python tools/prepare_kinetics.py --train-dir data/kinetics400/videos_train \\
+        --val-dir data/kinetics400/videos_val --out data/kinetics400
+
+    # the official annotation CSVs (label,youtube_id,time_start,time_end,split,...); clips named
+    # <youtube_id>_<start:06d>_<end:06d>.<ext>, found in <dir>/<label>/ or directly in <dir>/
+    python tools/prepare_kinetics.py --train-csv kinetics400/train.csv --train-dir videos_train \\
+        --val-csv kinetics400/validate.csv --val-dir videos_val --out data/kinetics400
+
+    # also rewrite every clip: short side 256, a keyframe every 16 frames (cheap GPU seeking); VP9 for CPU machines
+    python tools/prepare_kinetics.py ... --reencode --short-side 256 --gop 16 --codec h264
+
+Writes to --out: kinetics400_train_list_videos.txt and kinetics400_val_list_videos.txt (`<path> <label>` with
+paths relative to the split's folder, MMAction2's format), class_names.txt (index order: sorted class names, the
+order of MMAction2's Kinetics-400 label map, or the order of --class-names), prepare_summary.txt (every file left
+out and why: missing, unreadable, empty, audio only), and the probe caches the loader reuses. Every video is
+probed (frame counts, keyframes) in parallel. Re-encoding runs in parallel processes and is resumable: finished
+files are skipped on a rerun, and an interrupted file never leaves a partial output under its final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dali_pipes.lists import VIDEO_EXTENSIONS, ListError, read_class_names  # noqa: E402
+from dali_pipes.probe import probe_videos  # noqa: E402
+from tools.make_synthetic import CODECS, VideoWriter  # noqa: E402
+
+LIST_NAMES = {"train": "kinetics400_train_list_videos.txt", "val": "kinetics400_val_list_videos.txt"}
+PARTIAL_TAG = ".partial"
+
+
+@dataclass
+class Clip:
+    relative: str  # path under the split folder
+    class_name: str
+
+
+def find_class_folder_clips(split_dir: Path) -> list[Clip]:
+    """Clips of a `<split_dir>/<class name>/<clip>` tree; underscores in folder names stand for spaces."""
+    clips = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        for video in sorted(class_dir.rglob("*")):
+            if video.is_file() and video.suffix.lower() in VIDEO_EXTENSIONS and PARTIAL_TAG not in video.name:
+                clips.append(Clip(str(video.relative_to(split_dir)), class_dir.name.replace("_", " ")))
+    return clips
+
+
+def find_csv_clips(csv_file: Path, split_dir: Path) -> tuple[list[Clip], list[tuple[str, str]]]:
+    """Clips named by an annotation CSV, and (expected name, 'missing') for those not found on disk."""
+    clips, missing = [], []
+    with open(csv_file, newline="") as f:
+        reader = csv.DictReader(f)
+        needed = {"label", "youtube_id", "time_start", "time_end"}
+        if not reader.fieldnames or not needed <= set(reader.fieldnames):
+            raise SystemExit(f"error: {csv_file}: expected the columns {', '.join(sorted(needed))}, "
+                             f"got {', '.join(reader.fieldnames or [])}")
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                stem = f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}"
+            except ValueError:
+                raise SystemExit(f"error: {csv_file}:{lineno}: time_start/time_end must be integers") from None
+            label = row["label"].strip()
+            found = _find_clip(split_dir, label, stem)
+            if found is None:
+                missing.append((f"{label}/{stem}", "missing: no file with this name in the folder"))
+            else:
+                clips.append(Clip(str(found.relative_to(split_dir)), label))
+    return clips, missing
+
+
+def _find_clip(split_dir: Path, label: str, stem: str) -> Path | None:
+    for folder in (split_dir / label, split_dir / label.replace(" ", "_"), split_dir):
+        for extension in VIDEO_EXTENSIONS:
+            candidate = folder / f"{stem}{extension}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def reencode_video(job: tuple[str, str, int, int, str]) -> tuple[str, str | None]:
+    """Rewrites one clip (short side, GOP, codec) into a hidden partial file, then renames it into place."""
+    source, target, short_side, gop, codec = job
+    target_path = Path(target)
+    partial = target_path.with_name(f".{target_path.stem}{PARTIAL_TAG}{target_path.suffix}")
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with av.open(source) as container:
+            if not container.streams.video:
+                return source, "no video stream (audio only?)"
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if width <= 0 or height <= 0:
+                return source, f"invalid frame size {width}x{height}"
+            factor = short_side / min(width, height)
+            new_w, new_h = (2 * round(width * factor / 2), 2 * round(height * factor / 2))
+            fps = float(stream.average_rate or 30)
+            muxer = {".webm": "webm", ".mp4": "mp4", ".avi": "avi", ".mkv": "matroska"}[target_path.suffix]
+            with VideoWriter(partial, new_w, new_h, fps, codec, gop, quality=23 if codec == "h264" else 32,
+                             container=muxer) as writer:
+                for frame in container.decode(stream):
+                    writer.write(frame.reformat(width=new_w, height=new_h, format="yuv420p"))
+            if writer.frames == 0:
+                partial.unlink(missing_ok=True)
+                return source, "no video frames"
+        os.replace(partial, target_path)
+    except (av.FFmpegError, OSError) as e:
+        partial.unlink(missing_ok=True)
+        return source, f"cannot be re-encoded ({' '.join(str(e).split())})"
+    return source, None
+
+
+def reencode_split(split_dir: Path, clips: list[Clip], out_dir: Path, args) -> tuple[list[Clip], list]:
+    """Re-encodes the clips of one split into out_dir (same tree), skipping finished ones; returns the new clips."""
+    extension = CODECS[args.codec][1]
+    for stale in out_dir.rglob(f"*{PARTIAL_TAG}*"):
+        stale.unlink()  # left by an interrupted run
+    jobs, done, new_clips = [], 0, []
+    for clip in clips:
+        target = out_dir / Path(clip.relative).with_suffix(extension)
+        new_clips.append(Clip(str(target.relative_to(out_dir)), clip.class_name))
+        if target.is_file():
+            done += 1
+        else:
+            jobs.append((str(split_dir / clip.relative), str(target), args.short_side, args.gop, args.codec))
+    print(f"re-encoding {len(jobs)} clips into {out_dir} ({done} already done)", file=sys.stderr)
+    failures = {}
+    bar = ProgressBar(f"re-encode {out_dir.name}", len(jobs))
+    with ProcessPoolExecutor(args.workers) as pool:
+        for future in as_completed([pool.submit(reencode_video, job) for job in jobs]):
+            source, error = future.result()
+            if error is not None:
+                failures[source] = error
+            bar.update()
+    bar.close()
+    kept = [c for c, orig in zip(new_clips, clips) if str(split_dir / orig.relative) not in failures]
+    return kept, sorted((Path(source).relative_to(split_dir).as_posix(), error) for source, error in failures.items())
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (a single-process tool: no tqdm dependency)."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done, self.start = label, total, 0, time.monotonic()
+        self.interactive = sys.stderr.isatty()
+
+    def update(self, done: int | None = None, total: int | None = None) -> None:
+        self.done = self.done + 1 if done is None else done
+        self.total = total or self.total
+        if self.interactive or self.done == self.total:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            rate = self.done / max(time.monotonic() - self.start, 1e-9)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                  f"{rate:.1f}/s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.total:
+            print(file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--train-dir", help="training videos: a class-folder tree, or the folder the CSV names")
+    parser.add_argument("--val-dir", help="validation videos, likewise")
+    parser.add_argument("--train-csv", help="official annotation CSV of the training split")
+    parser.add_argument("--val-csv", help="official annotation CSV of the validation split")
+    parser.add_argument("--out", required=True, help="folder for the list files, class names and summary")
+    parser.add_argument("--class-names", help="existing class-name file to take the label order from "
+                                              "(e.g. MMAction2's label_map_k400.txt); default: sorted names")
+    parser.add_argument("--reencode", action="store_true", help="rewrite every clip (see --short-side, --gop)")
+    parser.add_argument("--short-side", type=int, default=256, help="re-encoded short side in pixels")
+    parser.add_argument("--gop", type=int, default=16, help="re-encoded frames between keyframes")
+    parser.add_argument("--codec", choices=("h264", "vp9"), default="h264",
+                        help="re-encoded codec: h264 decodes on GPUs only; vp9 on CPUs too")
+    parser.add_argument("--reencode-dir", help="where re-encoded splits go (default: OUT/reencoded)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="parallel probes / encodes")
+    args = parser.parse_args(argv)
+
+    splits = {name: Path(d) for name, d in (("train", args.train_dir), ("val", args.val_dir)) if d}
+    if not splits:
+        parser.error("give --train-dir and/or --val-dir")
+    for name, csv_file in (("train", args.train_csv), ("val", args.val_csv)):
+        if csv_file and name not in splits:
+            parser.error(f"--{name}-csv needs --{name}-dir (the folder its clips are in)")
+    for name, folder in splits.items():
+        if not folder.is_dir():
+            sys.exit(f"error: --{name}-dir {folder}: no such folder")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    found, problems = {}, {}
+    for name, folder in splits.items():
+        csv_file = {"train": args.train_csv, "val": args.val_csv}[name]
+        if csv_file:
+            found[name], problems[name] = find_csv_clips(Path(csv_file), folder)
+        else:
+            found[name], problems[name] = find_class_folder_clips(folder), []
+        print(f"{name}: {len(found[name])} clips in {folder}", file=sys.stderr)
+
+    class_names = _class_names(args.class_names, found)
+    if args.reencode:
+        reencode_root = Path(args.reencode_dir or out / "reencoded")
+        for name in list(splits):
+            found[name], failures = reencode_split(splits[name], found[name], reencode_root / name, args)
+            problems[name] += failures
+            splits[name] = reencode_root / name
+
+    index = {name: i for i, name in enumerate(class_names)}
+    usable = {}
+    for name, folder in splits.items():
+        list_file = out / LIST_NAMES[name]
+        paths = [str(folder / clip.relative) for clip in found[name]]
+        bar = ProgressBar(f"probe {name}", len(paths))
+        _, failures = probe_videos(paths, f"{list_file}.probe.json", args.workers, progress=bar.update)
+        bar.close()
+        problems[name] += [(Path(p).relative_to(folder).as_posix(), reason) for p, reason in failures.items()]
+        kept = [clip for clip, path in zip(found[name], paths) if path not in failures]
+        list_file.write_text("".join(f"{clip.relative} {index[clip.class_name]}\n" for clip in kept))
+        usable[name] = len(kept)
+        print(f"{name}: {len(kept)} usable clips -> {list_file} ({len(problems[name])} left out)", file=sys.stderr)
+    (out / "class_names.txt").write_text("".join(f"{name}\n" for name in class_names))
+    _write_summary(out / "prepare_summary.txt", splits, usable, problems)
+    roots = {"train": "data.root", "val": "data.val_root"}
+    overrides = [f"--set {roots[n]}={splits[n]} --set data.{n}_list={out / LIST_NAMES[n]}" for n in splits]
+    print(f"summary: {out / 'prepare_summary.txt'}\nuse with: " + " ".join(overrides)
+          + f" --set data.class_names={out / 'class_names.txt'}", file=sys.stderr)
+
+
+def _class_names(class_names_file: str | None, found: dict[str, list[Clip]]) -> list[str]:
+    seen = sorted({clip.class_name for clips in found.values() for clip in clips})
+    if not class_names_file:
+        return seen
+    try:
+        names = read_class_names(class_names_file)
+    except ListError as e:
+        sys.exit(f"error: {e}")
+    unknown = [n for n in seen if n not in set(names)]
+    if unknown:
+        sys.exit(f"error: {class_names_file}: {len(unknown)} classes of the videos are not in it "
+                 f"(first: '{unknown[0]}')")
+    return names
+
+
+def _write_summary(path: Path, splits: dict, usable: dict, problems: dict) -> None:
+    lines = []
+    for name, folder in splits.items():
+        lines.append(f"{name}: {usable[name]} usable, {len(problems[name])} left out, videos under {folder}")
+        lines += [f"  {relative}: {reason}" for relative, reason in sorted(problems[name])]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
