@@ -1,0 +1,263 @@
+"""Loader throughput: our DALI VideoLoader against MMAction2-style PyAV decoding in DataLoader workers, same clips.
+
+    python benchmarks/loader.py                                  # CPU: VP9 GOP 128; GPU: H.264 GOP 250 and 16
+    python benchmarks/loader.py --clip-sets /tmp/k400vp9 --variants ours_train pyav_train
+    python benchmarks/loader.py --set data.num_threads=2 --workers 2
+    python benchmarks/loader.py --smoke                          # tiny clips, two steps each: seconds on a CPU
+
+Clips: K400-like (tools/make_synthetic.py: about 10 s, 340x256, 30 fps), made once per codec and GOP under
+--data-dir and reused; `--clip-sets` takes existing sets as they are (codec and GOP are read from the files).
+Without CUDA our loader decodes on the CPU, which reads VP9 only; with CUDA it decodes with NVDEC (H.264).
+
+Variants (all by default), each timed alone after its own warm-up, all on the same list of clips:
+- ours_train, ours_test: VideoLoader in train mode and in test mode (test.views, 10x3 by default);
+- pyav_train, pyav_test: benchmarks/pyav_baseline.py with MMAction2's PyAVDecode ('accurate': decode from the
+  first frame), once per --workers value (default: every available core, and 2);
+- pyav_train_seek, pyav_test_seek: the same with keyframe-seek decoding (as decord does).
+A step is one batch ready for the model: on the device, float32, normalised, (B*V, 3, T, H, W). The baseline's
+normalisation (MMAction2's data preprocessor) runs in the step, on the device. The list of clips is repeated so
+no timed step crosses an epoch end. Each record gives clips/s (views/s in test mode), videos/s, the CPU time
+the process tree used per second of wall time (`cpu_cores_busy`, workers and DALI threads included) and, for
+ours, the ratio to each baseline of the same mode measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (add_common_arguments, apply_torch_threads, cores_available,  # noqa: E402
+                               cpu_seconds_of_tree, emit, environment, make_record, synchronize, time_steps)
+from benchmarks.pyav_baseline import PyAVClips, baseline_loader  # noqa: E402
+from config import ConfigError, Config, load_config, parse_views  # noqa: E402
+from dali_pipes.loader import VideoLoader, probe_list  # noqa: E402
+from dali_pipes.pipelines import MEAN_RGB, STD_RGB  # noqa: E402
+from tools.make_synthetic import make_k400like_set  # noqa: E402
+
+BENCHMARK = "loader"
+VARIANTS = ("ours_train", "ours_test", "pyav_train", "pyav_test", "pyav_train_seek", "pyav_test_seek")
+NUM_CLASSES = 4  # make_k400like_set's labels
+SMOKE_OVERRIDES = ["data.short_side=64", "data.train_crop=56", "data.val_crop=56", "data.test_crop=64",
+                   "data.num_threads=1", "test.views=2x3"]
+LOG = logging.getLogger("benchmarks.loader")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, warmup=3, steps=20)
+    parser.add_argument("--config", default="k400_8x8x1.yaml",
+                        help="recipe whose data section (clip_len, frame_interval, sizes, threads) is measured")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run")
+    parser.add_argument("--workers", nargs="+", type=int, default=None,
+                        help="DataLoader worker counts of the PyAV baseline (default: all available cores, and 2)")
+    parser.add_argument("--batch", type=int, default=None, help="train clips per batch (default train.batch_size)")
+    parser.add_argument("--test-batch", type=int, default=None, help="test videos per batch (default test.batch_size)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where batches go and our loader runs; auto: cuda when available")
+    parser.add_argument("--clip-sets", nargs="+", default=None, metavar="DIR",
+                        help="existing K400-like sets (folders with train_list.txt) instead of generated ones")
+    parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench",
+                        help="where generated clip sets are cached, one folder per codec and GOP")
+    parser.add_argument("--codec", choices=("vp9", "h264"), default=None,
+                        help="codec of generated sets (default: h264 with CUDA, vp9 without)")
+    parser.add_argument("--gops", nargs="+", type=int, default=None,
+                        help="keyframe intervals of generated sets (default: 250 and 16 with CUDA, 128 without)")
+    parser.add_argument("--num-videos", type=int, default=16, help="clips per generated set")
+    parser.add_argument("--frames", type=int, default=300, help="frames per generated clip (30 fps)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.overrides = SMOKE_OVERRIDES + args.overrides
+        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
+        args.num_videos, args.frames = min(args.num_videos, 4), min(args.frames, 64)
+        args.batch, args.test_batch = args.batch or 2, args.test_batch or 1
+        args.workers = args.workers or [1]
+        args.gops = args.gops or [16]
+        args.data_dir = str(Path(args.data_dir) / "smoke")
+    return args
+
+
+def clip_sets(args: argparse.Namespace, on_gpu: bool) -> list[Path]:
+    """The set folders to measure: the given ones, or generated (once) ones for each GOP."""
+    if args.clip_sets:
+        return [Path(folder) for folder in args.clip_sets]
+    codec = args.codec or ("h264" if on_gpu else "vp9")
+    gops = args.gops or ([250, 16] if on_gpu else [128])
+    folders = []
+    for gop in gops:
+        folder = Path(args.data_dir) / f"k400like_{codec}_gop{gop}_n{args.num_videos}_f{args.frames}"
+        if not (folder / "train_list.txt").is_file():
+            LOG.info("writing %d %s clips (GOP %d, %d frames) to %s", args.num_videos, codec, gop, args.frames,
+                     folder)
+            make_k400like_set(folder, args.num_videos, codec=codec, gop=gop, num_frames=args.frames,
+                              workers=cores_available())
+        folders.append(folder)
+    return folders
+
+
+def bench_config(args: argparse.Namespace, folder: Path, min_videos: int) -> tuple[Config, list[str]]:
+    """The recipe with its lists pointed at `folder`'s clips, repeated to at least `min_videos` entries."""
+    lines = [line for line in (folder / "train_list.txt").read_text().splitlines() if line.strip()]
+    repeats = max(1, math.ceil(min_videos / len(lines)))
+    list_file = folder / f"bench_list_x{repeats}.txt"
+    if not list_file.is_file():
+        list_file.write_text("\n".join(lines * repeats) + "\n")
+    data = [f"data.root={folder}", f"data.train_list={list_file}", f"data.val_list={list_file}",
+            f"data.test_list={list_file}", "data.val_root=", "data.test_root=", "data.class_names="]
+    overrides = data + list(args.overrides) + [f"model.num_classes={NUM_CLASSES}"]
+    return load_config(args.config, overrides), list(args.overrides)
+
+
+def set_description(list_file: str, root: str) -> dict:
+    """Codec, size, frames and keyframe interval of a clip set, read from the probe (what the loaders see)."""
+    records, _, infos = probe_list(list_file, root, NUM_CLASSES)
+    unique = {r.path: i for r, i in zip(records, infos)}
+    gaps = [b - a for info in unique.values() for a, b in zip(info.keyframes, info.keyframes[1:])]
+    first = next(iter(unique.values()))
+    return {"clip_set": root, "codec": first.codec, "videos": len(unique), "video_size": [first.width, first.height],
+            "frames_per_video": median(i.num_frames for i in unique.values()),
+            "gop": median(gaps) if gaps else first.num_frames}
+
+
+def normaliser(device: torch.device):
+    """uint8 (B, V, 3, T, H, W) from the baseline -> float32 normalised (B*V, 3, T, H, W) on the device."""
+    mean = torch.tensor(MEAN_RGB, device=device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(STD_RGB, device=device).view(1, 3, 1, 1, 1)
+
+    def convert(clips: torch.Tensor) -> torch.Tensor:
+        clips = clips.to(device, non_blocking=True).flatten(0, 1)
+        return (clips.float() - mean) / std
+
+    return convert
+
+
+def measure(batches, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float | None, tuple]:
+    """Step times (ms) of pulling batches, the process tree's busy cores over the timed steps, the last shape."""
+    shape = []
+
+    def step():
+        shape[:] = [tuple(next(batches).shape)]
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    cpu_before, wall_before = cpu_seconds_of_tree(), time.perf_counter()
+    step_ms = time_steps(step, 0, steps, device)
+    cpu_after, wall_after = cpu_seconds_of_tree(), time.perf_counter()
+    busy = None if cpu_before is None else round((cpu_after - cpu_before) / (wall_after - wall_before), 2)
+    return step_ms, busy, shape[0]
+
+
+def ours_batches(loader: VideoLoader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch.clips
+        epoch += 1
+
+
+def baseline_batches(loader, convert):
+    while True:
+        for clips, _ in loader:
+            yield convert(clips)
+
+
+def run_ours(cfg: Config, mode: str, batch: int, device: torch.device,
+             args) -> tuple[list[float], float, tuple, dict]:
+    views = parse_views(cfg.test.views) if mode == "test" else (1, 1)
+    loader = VideoLoader(cfg.data, mode, batch_size=batch, num_classes=NUM_CLASSES,
+                         device_id=device.index if device.type == "cuda" else None, seed=cfg.train.seed,
+                         views=views)
+    desc = {"loader": "dali", "dali_decoder": loader.decode_device, "augment_on_gpu": loader.augment_on_gpu,
+            "dali_threads": cfg.data.num_threads, "source_workers": cfg.data.source_workers,
+            "prefetch_batches": cfg.data.prefetch_batches}
+    try:
+        return (*measure(ours_batches(loader), args.warmup, args.steps, device), desc)
+    finally:
+        del loader
+        gc.collect()
+
+
+def run_baseline(cfg: Config, mode: str, decode: str, batch: int, workers: int, device: torch.device,
+                 args) -> tuple[list[float], float, tuple]:
+    list_file = cfg.data.train_list
+    records, _, infos = probe_list(list_file, cfg.data.root, NUM_CLASSES)
+    num_clips, num_crops = parse_views(cfg.test.views) if mode == "test" else (cfg.data.num_clips, 1)
+    dataset = PyAVClips(records, infos, mode, clip_len=cfg.data.clip_len, frame_interval=cfg.data.frame_interval,
+                        num_clips=num_clips, num_crops=num_crops, short_side=cfg.data.short_side,
+                        crop_size=cfg.data.train_crop if mode == "train" else cfg.data.test_crop,
+                        seed=cfg.train.seed, decode=decode)
+    loader = baseline_loader(dataset, batch, workers, cfg.train.seed, pin_memory=device.type == "cuda")
+    batches = baseline_batches(loader, normaliser(device))
+    try:
+        return measure(batches, args.warmup, args.steps, device)
+    finally:
+        batches.close()  # ends the DataLoader iterator: its persistent workers exit
+        del batches, loader
+        gc.collect()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    apply_torch_threads(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: this machine has no CUDA device (use --device cpu or auto)")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    workers = args.workers or sorted({cores_available(), 2}, reverse=True)
+    env = environment(device)
+    try:
+        base_cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    train_batch = args.batch or base_cfg.train.batch_size
+    test_batch = args.test_batch or base_cfg.test.batch_size
+    # Enough list entries that no timed step reaches an epoch end, with every prefetched batch counted.
+    min_videos = (args.warmup + args.steps + 2 * max(workers) + 2 * base_cfg.data.prefetch_batches + 4) * max(
+        train_batch, test_batch)
+    for folder in clip_sets(args, on_gpu):
+        cfg, overrides = bench_config(args, folder, min_videos)
+        data = set_description(cfg.data.train_list, cfg.data.root)
+        LOG.info("clip set %s", data)
+        baseline_rates: dict[str, dict[str, float]] = {"train": {}, "test": {}}
+        runs = [(v, w) for v in VARIANTS if v in args.variants and v.startswith("pyav") for w in workers]
+        runs += [(v, None) for v in VARIANTS if v in args.variants and v.startswith("ours")]
+        for variant, num_workers in runs:
+            mode = "test" if "_test" in variant else "train"
+            batch = test_batch if mode == "test" else train_batch
+            name = f"{variant}_w{num_workers}" if num_workers is not None else variant
+            LOG.info("%s: %d warm-up + %d timed batches of %d %s", name, args.warmup, args.steps, batch,
+                     "videos" if mode == "test" else "clips")
+            if variant.startswith("pyav"):
+                decode = "seek" if variant.endswith("_seek") else "mmaction2"
+                step_ms, busy, shape = run_baseline(cfg, mode, decode, batch, num_workers, device, args)
+                loader_desc = {"loader": "pyav_dataloader", "decode": decode, "workers": num_workers}
+            else:
+                step_ms, busy, shape, loader_desc = run_ours(cfg, mode, batch, device, args)
+            views = shape[0] // batch
+            record = make_record(env, BENCHMARK, name, overrides=overrides, batch=batch, clip_shape=list(shape[1:]),
+                                 warmup=args.warmup, step_ms=step_ms, clips_per_step=shape[0], mode=mode,
+                                 views_per_video=views, cpu_cores_busy=busy, smoke=args.smoke, **loader_desc, **data)
+            record["videos_per_s"] = round(record["clips_per_s"] / views, 3)
+            if variant.startswith("pyav"):
+                baseline_rates[mode][name] = record["clips_per_s"]
+            else:
+                record["ratio_to_baselines"] = {base: round(record["clips_per_s"] / rate, 2)
+                                                for base, rate in baseline_rates[mode].items()}
+            emit(record)
+
+
+if __name__ == "__main__":
+    main()
