@@ -1,0 +1,99 @@
+"""The benchmarks' --smoke runs print well-formed records, and the PyAV baseline decodes MMAction2's frames.
+
+Timing values are not checked (they depend on the machine and its load); the record fields and variants are.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.pyav_baseline import PyAVClips, decode_accurate, decode_from_keyframe
+from dali_pipes.lists import VideoRecord
+from dali_pipes.probe import probe_video
+from dali_pipes.sampling import sample_frames
+from tools.make_synthetic import read_index
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD_KEYS = {"machine", "cpu_count", "cores_available", "device", "torch", "cuda", "dali", "git_commit", "date",
+               "benchmark", "variant", "overrides", "batch", "clip_shape", "warmup_steps", "timed_steps",
+               "median_ms", "clips_per_s", "clips_per_s_median"}
+
+
+def run_smoke(script: str, *extra: str) -> list[dict]:
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", *extra], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert lines, f"{script} printed no records; stderr: {result.stderr[-2000:]}"
+    records = [json.loads(line) for line in lines]  # every stdout line is one JSON record
+    for record in records:
+        missing = RECORD_KEYS - record.keys()
+        assert not missing, f"{record['variant']}: missing {sorted(missing)}"
+        assert record["smoke"] is True
+    return records
+
+
+def test_loader_smoke_records(tmp_path):
+    records = run_smoke("loader.py", "--data-dir", str(tmp_path))
+    by_variant = {r["variant"]: r for r in records}
+    assert set(by_variant) == {"pyav_train_w1", "pyav_test_w1", "pyav_train_seek_w1", "pyav_test_seek_w1",
+                               "ours_train", "ours_test"}
+    for name, record in by_variant.items():
+        assert record["benchmark"] == "loader" and record["timed_steps"] == 2
+        assert record["clips_per_s"] > 0 and record["codec"] == "vp9" and record["gop"] == 16
+        assert record["video_size"] == [340, 256]
+        crop = 56 if record["mode"] == "train" else 64
+        assert record["clip_shape"] == [3, 8, crop, crop], name
+        assert record["views_per_video"] == (1 if record["mode"] == "train" else 6), name  # test.views=2x3
+    assert by_variant["ours_train"]["ratio_to_baselines"].keys() == {"pyav_train_w1", "pyav_train_seek_w1"}
+    assert by_variant["ours_test"]["ratio_to_baselines"].keys() == {"pyav_test_w1", "pyav_test_seek_w1"}
+    assert by_variant["ours_train"]["loader"] == "dali" and by_variant["pyav_train_w1"]["workers"] == 1
+    on_cpu = by_variant["ours_train"]["device"].startswith("CPU")
+    assert by_variant["ours_train"]["dali_decoder"] == ("cpu" if on_cpu else "mixed")
+
+
+def test_train_step_smoke_records():
+    records = run_smoke("train_step.py", "--configs", "k400_8x8x1.yaml")
+    by_variant = {r["variant"]: r for r in records}
+    assert by_variant["matmul_peak"]["peak_tflops"] > 0
+    measured = by_variant["k400_8x8x1/fp32"]
+    assert measured["clip_shape"] == [3, 8, 32, 32] and measured["batch"] == 2
+    assert measured["train_flops_per_clip"] > 0 and measured["mfu"] > 0 and measured["timed_steps"] == 2
+    others = [r for name, r in by_variant.items() if name.startswith("k400_8x8x1/bf16")]
+    assert len(others) == 4
+    if measured["device"].startswith("CPU"):
+        assert all(r["skipped"] and r["clips_per_s"] is None for r in others)
+    else:
+        assert all(r["mfu"] > 0 and r["peak_memory_gib"] > 0 for r in others)
+
+
+@pytest.mark.parametrize("key", ["long_webm", "h264"])
+def test_both_decode_modes_return_the_wanted_frames(videos, key):
+    path = str(videos[key])
+    info = probe_video(path)
+    for indices in ([0, 8, 16], [40, 48, 56, 64], [299, 3, 150], [33, 33, 90]):
+        indices = np.array([i % info.num_frames for i in indices])
+        for frames in (decode_accurate(path, indices), decode_from_keyframe(path, info, indices)):
+            assert [read_index(frame) for frame in frames] == indices.tolist()
+
+
+def test_dataset_gives_mmaction2_views_in_order(videos):
+    path = str(videos["long_webm"])
+    info = probe_video(path)
+    record = VideoRecord(path, 3, info.num_frames)
+    common = dict(clip_len=8, frame_interval=8, short_side=48, decode="seek")
+    test = PyAVClips([record], [info], "test", num_clips=10, num_crops=3, crop_size=48, **common)
+    clips, label = test[0]
+    assert clips.shape == (30, 3, 8, 48, 48) and label == 3  # view = crop * 10 + clip
+    expected = sample_frames(info.num_frames, 8, 8, 10, test_mode=True)
+    got = [[read_index(clips[v, :, t].permute(1, 2, 0).numpy()) for t in range(8)] for v in range(30)]
+    assert np.array_equal(np.array(got).reshape(3, 10, 8), np.broadcast_to(expected, (3, 10, 8)))
+    train = PyAVClips([record], [info], "train", num_clips=1, num_crops=1, crop_size=40, **common)
+    first, _ = train[0]
+    again, _ = train[0]
+    assert first.shape == (1, 3, 8, 40, 40) and first.dtype.is_floating_point is False
+    assert (first == again).all()  # draws come from sample_rng(seed, epoch, index): repeatable
