@@ -1,0 +1,210 @@
+"""train.py: the recipe's schedule and optimizer, the training loop, its logs, checkpoints and mid-epoch resume.
+
+The loops get an in-memory loader of real tensors (tests/memory_loader.py); the runs through the DALI loader
+are in the end-to-end tests.
+"""
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from checkpoints import Progress, find_best_checkpoint, training_checkpoint
+from config import ConfigError, config_from_dict, load_config
+from memory_loader import MemoryLoader, SimulatedCrash
+from model import build_model, load_checkpoint, read_checkpoint
+from runtime import DistContext, MetricLog, rng_state, seed_everything
+from train import (build_optimizer, build_scheduler, cosine_factor, fit, prepare_model, resume_training, scaled_lr,
+                   train_one_epoch)
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DistContext()
+TINY = ["model.depth=18", "model.base_channels=8", "model.num_classes=4", "model.sync_bn=false",
+        "train.batch_size=4", "train.lr=0.05", "train.log_interval=2", "train.clip_grad=10.0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is fastest, and on a busy 2-core machine more threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(*overrides):
+    return load_config(None, TINY + list(overrides))
+
+
+def test_cosine_schedule_is_the_closed_form_stepped_per_epoch():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = build_scheduler(optimizer, epochs=180)
+    lrs = []
+    for _ in range(180):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.01
+    assert lrs[90] == pytest.approx(0.005, rel=1e-12)
+    assert lrs[179] == pytest.approx(7.615e-7, rel=1e-3)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs == [0.01 * cosine_factor(e, 180) for e in range(180)]
+
+
+def test_auto_scale_lr_is_linear_in_the_total_batch():
+    assert scaled_lr(0.01, 64) == 0.01
+    assert scaled_lr(0.01, 16) == pytest.approx(0.0025)
+    assert scaled_lr(0.01, 8 * 16) == pytest.approx(0.02)
+
+
+def test_optimizer_is_the_recipes_sgd_with_the_chosen_step():
+    cfg = load_config("k400_8x8x1.yaml")
+    model = torch.nn.Linear(2, 2)
+    sgd = build_optimizer(model, cfg, 0.01, torch.device("cpu"))
+    assert type(sgd) is torch.optim.SGD and not sgd.defaults["fused"]
+    assert (sgd.defaults["lr"], sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.01, 0.9, 1e-4)
+    assert not sgd.defaults["nesterov"] and sgd.defaults["dampening"] == 0
+    fused = build_optimizer(model, load_config("k400_8x8x1.yaml", ["train.fused_optimizer=torch"]), 0.01,
+                            torch.device("cpu"))
+    assert fused.defaults["fused"]
+    with pytest.raises(ConfigError, match="train.fused_optimizer: apex's FusedSGD needs a GPU"):
+        build_optimizer(model, load_config("k400_8x8x1.yaml", ["train.fused_optimizer=apex"]), 0.01,
+                        torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.fused_optimizer: must be one of auto, torch, apex, none"):
+        load_config("k400_8x8x1.yaml", ["train.fused_optimizer=fast"])
+
+
+def test_one_epoch_trains_on_every_view_and_logs_reduced_numbers(tmp_path, caplog):
+    seed_everything(0)
+    cfg = tiny_config()
+    model = prepare_model(cfg, CPU)
+    optimizer = build_optimizer(model, cfg, cfg.train.lr, CPU.device)
+    loader = MemoryLoader(10, 4, batch_size=4, num_views=2)  # 3 batches, the last one of 2 videos (4 clips)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = MetricLog(tmp_path)
+    with caplog.at_level(logging.INFO, logger="train"):
+        stats = train_one_epoch(model, loader, optimizer, epoch=0, epochs=3, num_batches=len(loader),
+                                device=CPU.device, clip_grad=10.0, log_interval=2, metrics=metrics)
+    metrics.close()
+    assert stats.iterations == 3 and math.isfinite(stats.loss) and stats.grad_norm > 0
+    assert 0 <= stats.top1 <= stats.top5 <= 1 and stats.clips_per_s > 0 and 0 <= stats.data_wait_pct <= 100
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1 [")]
+    assert [line.split(" eta ")[0] for line in lines] == ["epoch 1 [2/3]", "epoch 1 [3/3]"]
+    assert all(" loss " in line and " lr 0.05 " in line and " clips/s " in line and " data " in line
+               for line in lines)
+    records = [json.loads(line) for line in (tmp_path / "scalars.jsonl").read_text().splitlines()]
+    assert [(r["mode"], r["epoch"], r["iter"], r["step"]) for r in records] == [("train", 1, 2, 2), ("train", 1, 3, 3)]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/top1", "train/grad_norm", "perf/clips_per_s",
+            "perf/data_wait_pct"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 3]
+
+
+def test_views_of_a_video_share_its_label_in_the_loss():
+    seed_everything(0)
+    cfg = tiny_config("model.dropout=0.0")
+    model = prepare_model(cfg, CPU)
+    loader = MemoryLoader(4, 4, batch_size=4, num_views=3)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(batch.clips), batch.labels.repeat_interleave(3)).item()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = train_one_epoch(model, loader, optimizer, epoch=0, epochs=1, num_batches=1, device=CPU.device)
+    assert stats.loss == pytest.approx(expected, rel=1e-5)
+
+
+def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True):
+    """Builds everything as train.py does (on the CPU) and runs fit(); returns the bare model and the loaders."""
+    seed_everything(cfg.train.seed)
+    model = prepare_model(cfg, CPU)
+    optimizer = build_optimizer(model, cfg, cfg.train.lr, CPU.device)
+    scheduler = build_scheduler(optimizer, cfg.train.epochs)
+    small = (3, 4, 16, 16)
+    train_loader = MemoryLoader(14, 4, cfg.train.batch_size, clip_shape=small, crash_at=crash_at)  # 4 batches
+    val_loader = MemoryLoader(6, 4, 4, clip_shape=small, mode="val") if validate else None
+    progress = Progress()
+    if resume:
+        progress = resume_training(work_dir / "latest.pth", model, optimizer, scheduler, None, cfg=cfg, ctx=CPU)
+    else:
+        seed_everything(cfg.train.seed + CPU.rank)
+    fit(model, model, optimizer, scheduler, None, train_loader, val_loader, cfg=cfg, ctx=CPU, work_dir=work_dir,
+        progress=progress)
+    return model, optimizer, train_loader
+
+
+def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """Dropout, momentum, schedule and sample order must all continue where the checkpoint left them."""
+    cfg = tiny_config("train.epochs=3", "train.checkpoint_every_iters=2", "train.val_interval=2",
+                      "train.checkpoint_interval=2")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "crashed").mkdir()
+    full_model, full_opt, _ = run_fit(tmp_path / "full", cfg)
+    with pytest.raises(SimulatedCrash):
+        run_fit(tmp_path / "crashed", cfg, crash_at=(1, 3))  # dies in epoch 2; last checkpoint after its 2nd batch
+    saved = read_checkpoint(tmp_path / "crashed" / "latest.pth")
+    assert saved["progress"] == {"epoch": 1, "batches_done": 2, "iteration": 6, "best_top1": -1.0, "best_epoch": 0}
+    resumed_model, resumed_opt, loader = run_fit(tmp_path / "crashed", cfg, resume=True)
+    assert loader.epochs_started == [(1, 2), (2, 0)]
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(full_opt.state.values(), resumed_opt.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert full_opt.param_groups[0]["lr"] == resumed_opt.param_groups[0]["lr"] == 0.0
+    full, crashed = (read_checkpoint(tmp_path / run / "latest.pth") for run in ("full", "crashed"))
+    assert full["progress"] == crashed["progress"]
+    assert full["progress"]["epoch"] == 3 and full["progress"]["iteration"] == 12
+    names = sorted(p.name for p in (tmp_path / "crashed").glob("*.pth"))
+    assert names == sorted(p.name for p in (tmp_path / "full").glob("*.pth"))
+    assert "epoch_2.pth" in names and find_best_checkpoint(tmp_path / "full") is not None
+
+
+def test_resume_with_another_total_batch_restarts_the_epoch(tmp_path, caplog):
+    cfg = tiny_config("train.epochs=2", "train.checkpoint_every_iters=2")
+    with pytest.raises(SimulatedCrash):
+        run_fit(tmp_path, cfg, crash_at=(0, 3), validate=False)
+    bigger = tiny_config("train.epochs=2", "train.checkpoint_every_iters=2", "train.batch_size=8")
+    model = prepare_model(bigger, CPU)
+    optimizer = build_optimizer(model, bigger, bigger.train.lr, CPU.device)
+    with caplog.at_level(logging.WARNING):
+        progress = resume_training(tmp_path / "latest.pth", model, optimizer, build_scheduler(optimizer, 2), None,
+                                   cfg=bigger, ctx=CPU)
+    assert (progress.epoch, progress.batches_done, progress.iteration) == (0, 0, 2)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "train.batch_size: 4 -> 8" in messages and "epoch 1 restarts from its first batch" in messages
+
+
+def test_checkpoint_is_mmaction2_layout_loads_weights_only_and_into_a_fresh_model(tmp_path):
+    cfg = tiny_config()
+    model = prepare_model(cfg, CPU)
+    optimizer = build_optimizer(model, cfg, cfg.train.lr, CPU.device)
+    scheduler = build_scheduler(optimizer, cfg.train.epochs)
+    ckpt = training_checkpoint(model, optimizer, scheduler, None, cfg=cfg, progress=Progress(epoch=3, iteration=30),
+                               rng=[rng_state()], world_size=1, experiment_name="tiny")
+    torch.save(ckpt, tmp_path / "latest.pth")
+    loaded = torch.load(tmp_path / "latest.pth", weights_only=True)
+    assert list(loaded["state_dict"]) == list(build_model(depth=18, num_classes=4, base_channels=8).state_dict())
+    assert {"epoch", "iter", "cfg", "seed", "experiment_name", "time"} <= set(loaded["meta"])
+    assert (loaded["meta"]["epoch"], loaded["meta"]["iter"]) == (3, 30)
+    assert config_from_dict(loaded["config"], "ckpt") == cfg
+    fresh = build_model(depth=18, num_classes=4, base_channels=8)
+    load_checkpoint(fresh, tmp_path / "latest.pth")
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_train_cli_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--config", "k400_8x8x1.yaml", "--set", "train.btach=2",
+                             "--work-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --set: unknown key 'train.btach'")
