@@ -16,6 +16,7 @@ the new file, never a torn one.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -90,9 +91,13 @@ def _umask() -> int:
 
 
 def _fsync_dir(directory: Path) -> None:
+    """Makes a rename in `directory` durable; a no-op on file systems that cannot fsync a folder."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -36,9 +36,9 @@ from dali_pipes.lists import ListError
 from dali_pipes.loader import LoaderError
 from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from model.r2plus1d import ConvModule
-from runtime import (WORK_DIRS, DistContext, amp_dtype, build_video_loader, configure_determinism,
-                     default_work_dir, environment_info, gather_objects, init_distributed, log_skipped_videos,
-                     setup_logging, teardown_distributed)
+from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, build_video_loader,
+                     configure_determinism, default_work_dir, environment_info, gather_objects, init_distributed,
+                     log_skipped_videos, setup_logging, teardown_distributed)
 
 log = logging.getLogger("evaluate")
 
@@ -213,8 +213,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
     overrides = list(args.overrides) + ([f"test.views={args.views}"] if args.views else [])
     if args.config:
         cfg = load_config(args.config, overrides)
-    elif work_dir is not None and (work_dir / "config.yaml").is_file():
-        cfg = load_config(work_dir / "config.yaml", overrides)
+    elif work_dir is not None and (work_dir / SAVED_CONFIG_NAME).is_file():
+        cfg = load_config(work_dir / SAVED_CONFIG_NAME, overrides)
     else:
         cfg = config_from_checkpoint(checkpoint, overrides)
     return cfg, checkpoint

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 WORK_DIRS = Path("work_dirs")
+SAVED_CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its work dir
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,11 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def default_work_dir(config_path: str | Path) -> Path:
-    """work_dirs/<config file stem>, as MMAction2 names it."""
-    return WORK_DIRS / Path(config_path).stem
+    """work_dirs/<config file stem>, as MMAction2 names it; for a run's saved config.yaml, that run's folder."""
+    config_path = Path(config_path)
+    if config_path.name == SAVED_CONFIG_NAME and config_path.is_file():
+        return config_path.parent
+    return WORK_DIRS / config_path.stem
 
 
 def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int,

@@ -38,10 +38,10 @@ from dali_pipes.lists import ListError
 from dali_pipes.loader import LoaderError
 from evaluate import EvalResult, evaluate
 from model import CheckpointError, build_model, convert_sync_batchnorm, load_checkpoint
-from runtime import (DistContext, MetricLog, amp_dtype, barrier, build_video_loader, configure_determinism,
-                     default_work_dir, environment_info, format_duration, gather_objects, init_distributed,
-                     log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state, seed_everything,
-                     set_rng_state, setup_logging, sync_buffers, teardown_distributed)
+from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, amp_dtype, barrier, build_video_loader,
+                     configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
+                     init_distributed, log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
+                     seed_everything, set_rng_state, setup_logging, sync_buffers, teardown_distributed)
 
 log = logging.getLogger("train")
 
@@ -128,9 +128,9 @@ class EpochStats:
     iterations: int = 0  # global optimizer steps after this epoch
 
 
-# Per-process sums kept on the device between log lines (no host sync per step): loss x clips, top-1 hits,
-# top-5 hits, grad norm, clips, steps.
-_WINDOW_SIZE = 6
+# Per-process sums kept on the device between log lines, so no step waits for the GPU: loss x clips, top-1 hits,
+# top-5 hits, grad norm. Clip and step counts are known on the host and join them at each log line.
+_DEVICE_SUMS = 4
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epoch: int, epochs: int,
@@ -147,8 +147,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     batches of the epoch, except the last, on_checkpoint(batches_done, iteration) is called on every process.
     """
     model.train()
-    window = torch.zeros(_WINDOW_SIZE, device=device, dtype=torch.float64)
-    epoch_totals = torch.zeros(_WINDOW_SIZE + 3, dtype=torch.float64)  # + wait seconds, step seconds, processes
+    window = torch.zeros(_DEVICE_SUMS, device=device, dtype=torch.float64)
+    # + clips, steps, wait seconds, step seconds, processes
+    epoch_totals = torch.zeros(_DEVICE_SUMS + 5, dtype=torch.float64)
+    window_clips = window_steps = 0
     window_wait = 0.0
     epoch_start = window_start = time.perf_counter()
     batch_idx = start_batch - 1
@@ -183,14 +185,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         with torch.no_grad():
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]  # (B*V, k)
             window += torch.stack([loss.detach().double() * targets.shape[0], hits[:, 0].sum().double(),
-                                   hits.any(dim=1).sum().double(), grad_norm.detach().double(),
-                                   torch.tensor(float(targets.shape[0]), device=device, dtype=torch.float64),
-                                   torch.tensor(1.0, device=device, dtype=torch.float64)])
+                                   hits.any(dim=1).sum().double(), grad_norm.detach().double()])
+        window_clips += targets.shape[0]
+        window_steps += 1
 
         last = batch_idx + 1 == num_batches
         if (batch_idx + 1) % log_interval == 0 or last:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the window's GPU work is done: its wall time is real
             step_s = time.perf_counter() - window_start
-            local = torch.tensor([window_wait, step_s, 1.0], device=device, dtype=torch.float64)
+            local = torch.tensor([window_clips, window_steps, window_wait, step_s, 1.0], device=device,
+                                 dtype=torch.float64)
             totals = reduce_sum(torch.cat([window, local])).cpu()
             memory_gb = reduce_max(torch.tensor([peak_memory_gb(device)], device=device)).item()
             epoch_totals[:-1] += totals[:-1]
@@ -212,6 +217,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     scalars["perf/mem_gb"] = memory_gb
                 metrics.add_scalars(scalars, iteration, mode="train", epoch=epoch + 1, iter=batch_idx + 1)
             window.zero_()
+            window_clips = window_steps = 0
             window_wait = 0.0
             window_start = time.perf_counter()
         if checkpoint_every_iters and on_checkpoint and (batch_idx + 1) % checkpoint_every_iters == 0 and not last:
@@ -330,7 +336,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     log.info("%s", environment_info(ctx))
     log.info("work dir %s; resolved config:\n%s", work_dir, format_config(cfg).rstrip())
     if ctx.is_main:
-        save_config(cfg, work_dir / "config.yaml")
+        save_config(cfg, work_dir / SAVED_CONFIG_NAME)
         for stale in remove_stale_temp_files(work_dir):
             log.info("removed %s (left by an interrupted checkpoint write)", stale.name)
     configure_determinism(args.deterministic)
@@ -376,7 +382,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
         train_model = torch.compile(train_model)
 
     progress = Progress()
-    resume_path = find_latest_checkpoint(work_dir) if args.resume == "auto" else args.resume
+    # Rank 0's view of the work dir decides for all, so no rank starts from scratch while the others resume.
+    resume_path = gather_objects(find_latest_checkpoint(work_dir) if args.resume == "auto" else args.resume)[0]
     if args.resume == "auto" and resume_path is None:
         log.info("--resume auto: no checkpoint in %s, starting from scratch", work_dir)
     if resume_path is not None:

@@ -19,7 +19,7 @@ from torch import nn
 from checkpoints import (LATEST_NAME, find_best_checkpoint, find_latest_checkpoint, remove_stale_temp_files,
                          save_atomic, write_checkpoint_files)
 from model import read_checkpoint
-from runtime import (gather_objects, reduce_max, reduce_sum, rng_state, seed_everything, set_rng_state,
+from runtime import (default_work_dir, gather_objects, reduce_max, reduce_sum, rng_state, seed_everything, set_rng_state,
                      setup_logging, sync_buffers)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,3 +168,11 @@ def test_helpers_without_a_process_group_are_identities():
     sync_buffers(bn)
     assert bn.running_mean.tolist() == [3.0, 3.0]
 
+
+
+def test_default_work_dir_is_the_config_stem_or_the_saved_configs_folder(tmp_path):
+    assert default_work_dir("k400_8x8x1.yaml") == Path("work_dirs/k400_8x8x1")
+    assert default_work_dir("configs/k400_32x2x1.yaml") == Path("work_dirs/k400_32x2x1")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("train:\n  epochs: 2\n")
+    assert default_work_dir(tmp_path / "run" / "config.yaml") == tmp_path / "run"
