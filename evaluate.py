@@ -38,7 +38,7 @@ from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from model.r2plus1d import ConvModule
 from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, build_video_loader,
                      configure_determinism, default_work_dir, environment_info, gather_objects, init_distributed,
-                     log_skipped_videos, setup_logging, teardown_distributed)
+                     is_main_process, log_skipped_videos, setup_logging, teardown_distributed)
 
 log = logging.getLogger("evaluate")
 
@@ -123,7 +123,7 @@ def evaluate(model: nn.Module, loader, num_clips: int, num_crops: int, *,
         raise RuntimeError(f"evaluate: {video_idx.numel() - video_idx.unique().numel()} videos were scored more "
                            f"than once; every video must be on exactly one process")
     num_records = len(loader.records)
-    if video_idx.numel() != num_records:
+    if video_idx.numel() != num_records and is_main_process():
         log.warning("evaluate: %d of the loader's %d videos were scored", video_idx.numel(), num_records)
     metrics = accuracy_metrics(scores, labels)
     return EvalResult(metrics["top1"], metrics["top5"], metrics["mean_class_acc"], video_idx.numel(),

@@ -80,6 +80,11 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process; for messages every rank could print but one should."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -154,7 +159,9 @@ def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int
 
 
 def log_skipped_videos(skipped: list[tuple[str, str]], list_name: str, shown: int = 10) -> None:
-    """A warning per left-out video (the first `shown`), so none is skipped without a trace."""
+    """A warning per left-out video (the first `shown`) from rank 0, so none is skipped without a trace."""
+    if not is_main_process():
+        return
     for path, reason in skipped[:shown]:
         log.warning("%s: skipped %s (%s)", list_name, path, reason)
     if len(skipped) > shown:

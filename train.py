@@ -221,8 +221,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             window_wait = 0.0
             window_start = time.perf_counter()
         if checkpoint_every_iters and on_checkpoint and (batch_idx + 1) % checkpoint_every_iters == 0 and not last:
+            write_start = time.perf_counter()
             on_checkpoint(batch_idx + 1, iteration)
-            window_start = time.perf_counter()  # writing a checkpoint is not training time
+            window_start += time.perf_counter() - write_start  # writing a checkpoint is not training time
     rates = _rates(epoch_totals)
     return EpochStats(loss=rates["loss"], top1=rates["top1"], top5=rates["top5"], grad_norm=rates["grad_norm"],
                       clips_per_s=rates["clips_per_s"], data_wait_pct=rates["data_wait_pct"],
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     optimizer = build_optimizer(model, cfg, cfg.train.lr * lr_scale, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.train.epochs)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    log.info("precision %s, channels_last %s, optimizer %s%s, %s", str(autocast_dtype or torch.float32)[6:],
+    log.info("precision %s, channels_last %s, optimizer %s%s, %s", cfg.train.amp if autocast_dtype else "fp32",
              channels_last, type(optimizer).__name__, " (fused)" if optimizer.defaults.get("fused") else "",
              "deterministic" if args.deterministic else "cuDNN autotuning" if on_gpu else "CPU")
 
