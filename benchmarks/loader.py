@@ -17,8 +17,9 @@ Variants (all by default), each timed alone after its own warm-up, all on the sa
 A step is one batch ready for the model: on the device, float32, normalised, (B*V, 3, T, H, W). The baseline's
 normalisation (MMAction2's data preprocessor) runs in the step, on the device. The list of clips is repeated so
 no timed step crosses an epoch end. Each record gives clips/s (views/s in test mode), videos/s, the CPU time
-the process tree used per second of wall time (`cpu_cores_busy`, workers and DALI threads included) and, for
-ours, the ratio to each baseline of the same mode measured in this run.
+the process tree used per second of wall time (`cpu_cores_busy`, workers and DALI threads included), the CPU
+time per clip (`cpu_ms_per_clip`: the cost, which other load on the machine does not change much) and, for
+ours, the ratio of clips/s to each baseline of the same mode measured in this run.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def normaliser(device: torch.device):
 
 
 def measure(batches, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float | None, tuple]:
-    """Step times (ms) of pulling batches, the process tree's busy cores over the timed steps, the last shape."""
+    """Step times (ms) of pulling batches, CPU seconds the process tree used over them, the last batch's shape."""
     shape = []
 
     def step():
@@ -150,11 +151,10 @@ def measure(batches, warmup: int, steps: int, device: torch.device) -> tuple[lis
     for _ in range(warmup):
         step()
     synchronize(device)
-    cpu_before, wall_before = cpu_seconds_of_tree(), time.perf_counter()
+    cpu_before = cpu_seconds_of_tree()
     step_ms = time_steps(step, 0, steps, device)
-    cpu_after, wall_after = cpu_seconds_of_tree(), time.perf_counter()
-    busy = None if cpu_before is None else round((cpu_after - cpu_before) / (wall_after - wall_before), 2)
-    return step_ms, busy, shape[0]
+    cpu_after = cpu_seconds_of_tree()
+    return step_ms, None if cpu_before is None else cpu_after - cpu_before, shape[0]
 
 
 def ours_batches(loader: VideoLoader):
@@ -242,14 +242,18 @@ def main(argv: list[str] | None = None) -> None:
                      "videos" if mode == "test" else "clips")
             if variant.startswith("pyav"):
                 decode = "seek" if variant.endswith("_seek") else "mmaction2"
-                step_ms, busy, shape = run_baseline(cfg, mode, decode, batch, num_workers, device, args)
+                step_ms, cpu_s, shape = run_baseline(cfg, mode, decode, batch, num_workers, device, args)
                 loader_desc = {"loader": "pyav_dataloader", "decode": decode, "workers": num_workers}
             else:
-                step_ms, busy, shape, loader_desc = run_ours(cfg, mode, batch, device, args)
+                step_ms, cpu_s, shape, loader_desc = run_ours(cfg, mode, batch, device, args)
             views = shape[0] // batch
+            cpu = {"cpu_cores_busy": None, "cpu_ms_per_clip": None}
+            if cpu_s is not None:
+                cpu = {"cpu_cores_busy": round(cpu_s / (sum(step_ms) / 1e3), 2),
+                       "cpu_ms_per_clip": round(cpu_s * 1e3 / (len(step_ms) * shape[0]), 1)}
             record = make_record(env, BENCHMARK, name, overrides=overrides, batch=batch, clip_shape=list(shape[1:]),
                                  warmup=args.warmup, step_ms=step_ms, clips_per_step=shape[0], mode=mode,
-                                 views_per_video=views, cpu_cores_busy=busy, smoke=args.smoke, **loader_desc, **data)
+                                 views_per_video=views, **cpu, smoke=args.smoke, **loader_desc, **data)
             record["videos_per_s"] = round(record["clips_per_s"] / views, 3)
             if variant.startswith("pyav"):
                 baseline_rates[mode][name] = record["clips_per_s"]

@@ -11,7 +11,8 @@ Variants, each adding one thing to the one before (a fresh model each, same seed
 - bf16_cl: + channels_last_3d for the model and the input;
 - bf16_cl_fused: + SGD(fused=True);
 - bf16_cl_fused_compile: + torch.compile of the model (compile time shows in `first_step_s`).
-Without CUDA only fp32 runs; the others print a record with `skipped` and the reason.
+Without CUDA only fp32 runs; the others print a record with `skipped` and the reason. Compiled variants run
+after all the others; every variant after fp32 gives `speedup_vs_fp32` (clips/s over fp32's, same recipe).
 
 A step is train.py's step without the loader: forward, cross-entropy, backward, clip_grad_norm_(train.clip_grad),
 SGD step (train.lr, momentum, weight decay), zero_grad; cuDNN autotuning on, as train.py sets it. The same run
@@ -181,37 +182,44 @@ def main(argv: list[str] | None = None) -> None:
                      step_ms=[], clips_per_step=0, peak_tflops=round(peak / 1e12, 3),
                      peak_dtype=str(peak_dtype)[6:], matmul_size=size, smoke=args.smoke))
 
+    recipes = {}
     for config_name, cfg in configs:
-        batch = cfg.train.batch_size
         with torch.device("meta"):  # FLOPs need shapes only
             meta_model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels,
                                      cfg.model.dropout)
-        flops_per_clip = train_flops_per_clip(meta_model, cfg.data.clip_len, cfg.data.train_crop)
+        recipes[config_name] = dict(
+            config=config_name, depth=cfg.model.depth, base_channels=cfg.model.base_channels,
+            train_flops_per_clip=train_flops_per_clip(meta_model, cfg.data.clip_len, cfg.data.train_crop),
+            peak_tflops=round(peak / 1e12, 3), peak_dtype=str(peak_dtype)[6:], cudnn_benchmark=True,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, smoke=args.smoke)
+    # Compiled variants last: their compilation is the slowest and least predictable part of a run.
+    plan = [(name, cfg, v) for compiled in (False, True) for name, cfg in configs for v in VARIANTS
+            if v.name in args.variants and v.compile == compiled]
+    fp32_rates = {}
+    for config_name, cfg, variant in plan:
+        common = recipes[config_name]
+        batch = cfg.train.batch_size
         clip_shape = [3, cfg.data.clip_len, cfg.data.train_crop, cfg.data.train_crop]
-        common = dict(config=config_name, depth=cfg.model.depth, base_channels=cfg.model.base_channels,
-                      train_flops_per_clip=flops_per_clip, peak_tflops=round(peak / 1e12, 3),
-                      peak_dtype=str(peak_dtype)[6:], cudnn_benchmark=True,
-                      cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                      matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, smoke=args.smoke)
-        for variant in VARIANTS:
-            if variant.name not in args.variants:
-                continue
-            name = f"{Path(config_name).stem}/{variant.name}"
-            if not on_gpu and variant.name not in CPU_VARIANTS:
-                emit(skipped_record(env, BENCHMARK, name, overrides=args.overrides, batch=batch,
-                                    clip_shape=clip_shape, **common,
-                                    reason="GPU variant: bf16 autocast, channels_last_3d, fused SGD and compile are "
-                                           "measured on CUDA only"))
-                continue
-            LOG.info("%s: batch %d, %d warm-up + %d timed steps", name, batch, args.warmup, args.steps)
-            step_ms, first_step_s, peak_gib = run_variant(cfg, variant, batch, device, args)
-            record = make_record(env, BENCHMARK, name, overrides=args.overrides, batch=batch, clip_shape=clip_shape,
-                                 warmup=args.warmup, step_ms=step_ms, clips_per_step=batch, **common,
-                                 bf16=variant.bf16, channels_last=variant.channels_last, fused=variant.fused,
-                                 compile=variant.compile, first_step_s=round(first_step_s, 3),
-                                 peak_memory_gib=None if peak_gib is None else round(peak_gib, 3))
-            record["mfu"] = round(flops_per_clip * record["clips_per_s"] / peak, 4)
-            emit(record)
+        name = f"{Path(config_name).stem}/{variant.name}"
+        if not on_gpu and variant.name not in CPU_VARIANTS:
+            emit(skipped_record(env, BENCHMARK, name, overrides=args.overrides, batch=batch, clip_shape=clip_shape,
+                                **common, reason="GPU variant: bf16 autocast, channels_last_3d, fused SGD and "
+                                                 "compile are measured on CUDA only"))
+            continue
+        LOG.info("%s: batch %d, %d warm-up + %d timed steps", name, batch, args.warmup, args.steps)
+        step_ms, first_step_s, peak_gib = run_variant(cfg, variant, batch, device, args)
+        record = make_record(env, BENCHMARK, name, overrides=args.overrides, batch=batch, clip_shape=clip_shape,
+                             warmup=args.warmup, step_ms=step_ms, clips_per_step=batch, **common,
+                             bf16=variant.bf16, channels_last=variant.channels_last, fused=variant.fused,
+                             compile=variant.compile, first_step_s=round(first_step_s, 3),
+                             peak_memory_gib=None if peak_gib is None else round(peak_gib, 3))
+        record["mfu"] = round(common["train_flops_per_clip"] * record["clips_per_s"] / peak, 4)
+        if variant.name == "fp32":
+            fp32_rates[config_name] = record["clips_per_s"]
+        elif config_name in fp32_rates:
+            record["speedup_vs_fp32"] = round(record["clips_per_s"] / fp32_rates[config_name], 2)
+        emit(record)
 
 
 if __name__ == "__main__":

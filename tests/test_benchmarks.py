@@ -37,8 +37,14 @@ def run_smoke(script: str, *extra: str) -> list[dict]:
     return records
 
 
-def test_loader_smoke_records(tmp_path):
-    records = run_smoke("loader.py", "--data-dir", str(tmp_path))
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory) -> Path:
+    """Shared by the loader smoke runs, so their tiny clip set is encoded once."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_loader_smoke_records(bench_dir):
+    records = run_smoke("loader.py", "--data-dir", str(bench_dir))
     by_variant = {r["variant"]: r for r in records}
     assert set(by_variant) == {"pyav_train_w1", "pyav_test_w1", "pyav_train_seek_w1", "pyav_test_seek_w1",
                                "ours_train", "ours_test"}
@@ -97,3 +103,11 @@ def test_dataset_gives_mmaction2_views_in_order(videos):
     again, _ = train[0]
     assert first.shape == (1, 3, 8, 40, 40) and first.dtype.is_floating_point is False
     assert (first == again).all()  # draws come from sample_rng(seed, epoch, index): repeatable
+
+
+def test_loader_stages_smoke_records(bench_dir):
+    records = run_smoke("loader_stages.py", "--data-dir", str(bench_dir))
+    assert [r["variant"] for r in records] == ["source", "decode_t1", "graph_t1"]
+    for record in records:
+        assert record["benchmark"] == "loader_stages" and record["clips_per_s"] > 0
+        assert record["frames_decoded_per_clip"] > 0 and record["cpu_ms_per_clip"] is not None

@@ -1,0 +1,180 @@
+"""Where our train loader's time goes: the Python source, DALI's decoder alone, and the whole DALI graph.
+
+    python benchmarks/loader_stages.py --list /tmp/k400vp9/train_list.txt --root /tmp/k400vp9
+    python benchmarks/loader_stages.py --list LIST --root DIR --threads 1 2 4 --profile
+    python benchmarks/loader_stages.py --smoke
+
+Stages, each timed alone on the same batches (CPU decoding; what loader.py's `ours_train` runs end to end):
+- source: `BatchSource` (dali_pipes/loader.py), the external-source callback: SampleFrames, the GOP cut of
+  each clip (segments.read_segment), crop box and flip. Runs in the Python thread that feeds DALI.
+- decode: a DALI graph with only `fn.decoders.video` on the source's outputs, computed once beforehand.
+- graph: the real train graph (dali_pipes/pipelines.py: decode, resize, crop, resize, flip, normalise) on the
+  same precomputed outputs, so the Python source is not on its path.
+Each record gives clips/s, CPU cores busy and CPU ms per clip (the cost, which other load hardly changes), and
+the frames the decoder has to decode per clip (from the keyframe before the first sampled frame to the last
+one). --profile adds the source's top functions by cumulative time (cProfile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import logging
+import pstats
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (add_common_arguments, apply_torch_threads, cpu_seconds_of_tree, emit,  # noqa: E402
+                               environment, make_record)
+from config import ConfigError, load_config  # noqa: E402
+from dali_pipes.loader import BatchSource, VideoLoader  # noqa: E402
+from dali_pipes.pipelines import DALI_DTYPES, train_pipeline  # noqa: E402
+
+BENCHMARK = "loader_stages"
+LOG = logging.getLogger("benchmarks.loader_stages")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, warmup=2, steps=12)
+    parser.add_argument("--config", default="k400_8x8x1.yaml", help="recipe whose data section is measured")
+    parser.add_argument("--list", dest="list_file", default=None, help="video list (default: the config's train list)")
+    parser.add_argument("--root", default=None, help="folder the list's paths are relative to (default data.root)")
+    parser.add_argument("--batch", type=int, default=None, help="clips per batch (default train.batch_size)")
+    parser.add_argument("--threads", nargs="+", type=int, default=None,
+                        help="DALI thread counts to try for the decode and graph stages (default data.num_threads)")
+    parser.add_argument("--profile", action="store_true", help="also print the source's top functions (stderr)")
+    parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench", help="where --smoke writes its tiny clips")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.overrides = ["data.short_side=64", "data.train_crop=56", "data.val_crop=56", "data.test_crop=64",
+                          "model.num_classes=4"] + args.overrides
+        args.warmup, args.steps, args.batch = min(args.warmup, 1), min(args.steps, 2), args.batch or 2
+        args.threads = args.threads or [1]
+    return args
+
+
+def smoke_list(data_dir: str) -> tuple[str, str]:
+    from tools.make_synthetic import make_k400like_set
+
+    folder = Path(data_dir) / "smoke" / "k400like_vp9_gop16_n4_f64"
+    if not (folder / "train_list.txt").is_file():
+        make_k400like_set(folder, 4, codec="vp9", gop=16, num_frames=64, workers=2)
+    return str(folder / "train_list.txt"), str(folder)
+
+
+class CachedSource:
+    """A stand-in external source that replays precomputed BatchSource outputs, so Python is off the path."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __call__(self, batch_info) -> list:
+        return self.batches[batch_info.iteration % len(self.batches)]
+
+
+def decode_only_pipeline(source, batch_size: int, num_threads: int):
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=2)
+    def graph():
+        encoded, frames = fn.external_source(source=lambda info: source(info)[:2], num_outputs=2, batch=True,
+                                             batch_info=True)
+        return fn.decoders.video(encoded, device="cpu", frames=frames)
+
+    return graph()
+
+
+def time_pipeline(pipe, warmup: int, steps: int) -> tuple[list[float], float]:
+    """Per-run wall ms and CPU seconds of `steps` runs of a built-on-demand DALI pipeline."""
+    pipe.build()
+    for _ in range(warmup):
+        pipe.run()
+    cpu_before = cpu_seconds_of_tree()
+    step_ms = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        pipe.run()
+        now = time.perf_counter()
+        step_ms.append((now - start) * 1e3)
+        start = now
+    return step_ms, cpu_seconds_of_tree() - cpu_before
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    apply_torch_threads(args)
+    overrides = list(args.overrides)
+    if args.smoke and args.list_file is None:
+        args.list_file, args.root = smoke_list(args.data_dir)
+    if args.list_file is not None:
+        overrides = [f"data.train_list={args.list_file}", f"data.root={args.root or ''}"] + overrides
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    batch = args.batch or cfg.train.batch_size
+    loader = VideoLoader(cfg.data, "train", batch_size=batch, num_classes=cfg.model.num_classes, seed=cfg.train.seed)
+    num_batches = len(loader)
+    source = BatchSource(loader.spec, 0, 0)
+    env = environment(torch.device("cpu"))
+    common = dict(overrides=args.overrides, batch=batch, smoke=args.smoke, list_file=cfg.data.train_list,
+                  clip_shape=[3, cfg.data.clip_len, cfg.data.train_crop, cfg.data.train_crop])
+
+    count = min(args.warmup + args.steps, num_batches)
+    if count < args.warmup + args.steps:
+        LOG.info("the list has %d batches; the source stage times %d and the DALI stages replay them", num_batches,
+                 count)
+    infos = [types.SimpleNamespace(epoch_idx=0, iteration=i) for i in range(count)]
+    cpu_before, step_ms, batches = cpu_seconds_of_tree(), [], []
+    profiler = cProfile.Profile() if args.profile else None
+    for info in infos:
+        start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        batches.append(source(info))
+        if profiler is not None:
+            profiler.disable()
+        step_ms.append((time.perf_counter() - start) * 1e3)
+    cpu_s = cpu_seconds_of_tree() - cpu_before
+    decoded = [int(frames.max()) + 1 for batch_columns in batches for frames in batch_columns[1]]  # base..last
+    stats = dict(frames_decoded_per_clip=round(float(np.mean(decoded)), 1),
+                 encoded_kib_per_clip=round(float(np.mean([e.nbytes for b in batches for e in b[0]])) / 1024, 1))
+    emit(make_record(env, BENCHMARK, "source", warmup=0, step_ms=step_ms, clips_per_step=batch, threads=1,
+                     cpu_cores_busy=round(cpu_s / (sum(step_ms) / 1e3), 2),
+                     cpu_ms_per_clip=round(cpu_s * 1e3 / (len(step_ms) * batch), 1), **stats, **common))
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(12)
+        print(text.getvalue(), file=sys.stderr)
+
+    cached = CachedSource(batches)
+    for threads in args.threads or [cfg.data.num_threads]:
+        pipes = {
+            "decode": decode_only_pipeline(cached, batch, threads),
+            "graph": train_pipeline(source=cached, decode_device="cpu", augment_on_gpu=False,
+                                    crop_size=cfg.data.train_crop, dtype=DALI_DTYPES["float32"], parallel=False,
+                                    batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2,
+                                    seed=cfg.train.seed),
+        }
+        for stage, pipe in pipes.items():
+            step_ms, cpu_s = time_pipeline(pipe, args.warmup, args.steps)
+            emit(make_record(env, BENCHMARK, f"{stage}_t{threads}", warmup=args.warmup, step_ms=step_ms,
+                             clips_per_step=batch,
+                             threads=threads, cpu_cores_busy=round(cpu_s / (sum(step_ms) / 1e3), 2),
+                             cpu_ms_per_clip=round(cpu_s * 1e3 / (len(step_ms) * batch), 1), **stats, **common))
+        del pipes
+
+
+if __name__ == "__main__":
+    main()
