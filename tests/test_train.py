@@ -123,7 +123,7 @@ def test_views_of_a_video_share_its_label_in_the_loss():
     assert stats.loss == pytest.approx(expected, rel=1e-5)
 
 
-def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True):
+def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True, metrics=None):
     """Builds everything as train.py does (on the CPU) and runs fit(); returns the bare model and the loaders."""
     seed_everything(cfg.train.seed)
     model = prepare_model(cfg, CPU)
@@ -138,7 +138,7 @@ def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True):
     else:
         seed_everything(cfg.train.seed + CPU.rank)
     fit(model, model, optimizer, scheduler, None, train_loader, val_loader, cfg=cfg, ctx=CPU, work_dir=work_dir,
-        progress=progress)
+        progress=progress, metrics=metrics)
     return model, optimizer, train_loader
 
 
@@ -148,7 +148,9 @@ def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(tmp_path):
                       "train.checkpoint_interval=2")
     (tmp_path / "full").mkdir()
     (tmp_path / "crashed").mkdir()
-    full_model, full_opt, _ = run_fit(tmp_path / "full", cfg)
+    metrics = MetricLog(tmp_path / "full")
+    full_model, full_opt, _ = run_fit(tmp_path / "full", cfg, metrics=metrics)
+    metrics.close()
     with pytest.raises(SimulatedCrash):
         run_fit(tmp_path / "crashed", cfg, crash_at=(1, 3))  # dies in epoch 2; last checkpoint after its 2nd batch
     saved = read_checkpoint(tmp_path / "crashed" / "latest.pth")
@@ -166,6 +168,12 @@ def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(tmp_path):
     names = sorted(p.name for p in (tmp_path / "crashed").glob("*.pth"))
     assert names == sorted(p.name for p in (tmp_path / "full").glob("*.pth"))
     assert "epoch_2.pth" in names and find_best_checkpoint(tmp_path / "full") is not None
+    events = EventAccumulator(str(tmp_path / "full"))
+    events.Reload()
+    for tag in ("val/top1", "val/top5", "val/mean_class_acc"):
+        assert [e.step for e in events.Scalars(tag)] == [8, 12], tag  # after epochs 2 and 3 (4 steps each)
+    records = [json.loads(line) for line in (tmp_path / "full" / "scalars.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["mode"] == "val"] == [2, 3]
 
 
 def test_resume_with_another_total_batch_restarts_the_epoch(tmp_path, caplog):
