@@ -15,8 +15,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo: generate the synthetic motion set once, train (resuming if interrupted), then test 10x3 on val.
 demo: $(STAMP)
-	$(PY) tools/count_flops.py --config configs/demo.yaml
+	test -f data/demo/dataset.json || $(PY) tools/make_synthetic.py motion --out data/demo
+	$(PY) train.py --config configs/demo.yaml --work-dir work_dirs/demo --resume auto
+	$(PY) evaluate.py --work-dir work_dirs/demo --views 10x3
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

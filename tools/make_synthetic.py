@@ -7,9 +7,10 @@
 Each set is a folder with the videos, MMAction2-style list files (`<relative path> <label>` per line) and a
 class-name file, ready for `data.root` / `data.train_list` / `data.val_list` / `data.class_names`.
 
-- motion: a textured object moves across a textured background in one of four directions (the class); one frame
-  alone cannot tell the classes apart, so a model has to use time. Object, textures, speeds and positions are
-  drawn from `--seed`, so another seed gives a differently generated set of the same task.
+- motion: a textured square on a textured background moves up, moves down, grows or shrinks (the four classes);
+  one frame alone cannot tell them apart, so a model has to use time, and a horizontal flip (part of the training
+  recipe) keeps every class what it is. Textures, colours, sizes, speeds and positions are drawn from `--seed`, so
+  another seed gives a differently generated set of the same task.
 - k400like: about 10 s at 30 fps, 340x256, panning noise texture with moving blobs, a keyframe every `--gop`
   frames: the shape and bitrate of a Kinetics-400 download, for loader benchmarks.
 - index-coded clips (tests): every pixel of frame i has a colour that encodes i (`index_colour`), which survives
@@ -34,7 +35,7 @@ CODECS = {  # codec name -> (PyAV encoder, file extension)
     "hevc": ("libx265", ".mp4"),
     "mjpeg": ("mjpeg", ".avi"),
 }
-MOTION_CLASSES = ("moving_left", "moving_right", "moving_up", "moving_down")
+MOTION_CLASSES = ("moving_up", "moving_down", "growing", "shrinking")
 INDEX_LEVELS = 8  # per colour channel; 8**3 = 512 distinct frame indices
 INDEX_STEP = 256 // INDEX_LEVELS
 
@@ -135,27 +136,33 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: int) 
     return top * (1 - fy) + bottom * fy
 
 
-def motion_frames(label: int, rng: np.random.Generator, num_frames: int = 40, height: int = 64,
-                  width: int = 80) -> np.ndarray:
-    """(T, H, W, 3) uint8: a textured square crossing a textured, slowly drifting background in direction `label`."""
-    background = _smooth_noise(rng, height * 2, width * 2, cell=int(rng.integers(6, 16)))
-    size = int(rng.integers(height // 5, height // 3))
-    sprite = _smooth_noise(rng, size, size, cell=max(2, size // 3)) * 0.5 + rng.random(3, dtype=np.float32) * 0.5
-    speed = rng.uniform(0.5, 1.0)  # pixels per frame: the whole path fits in the frame
-    dx, dy = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}[label]
-    travel = speed * (num_frames - 1)
-    # Start so the whole path stays inside the frame; the free coordinate is random.
-    x_start = rng.uniform(max(0.0, travel * (dx < 0)), max(0.0, width - size - travel * (dx > 0)) + 1e-3)
-    y_start = rng.uniform(max(0.0, travel * (dy < 0)), max(0.0, height - size - travel * (dy > 0)) + 1e-3)
-    drift = rng.uniform(-0.3, 0.3, size=2)  # background drift, independent of the class
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    for t in range(num_frames):
-        by = int(round(height / 2 + drift[1] * t)) % height
-        bx = int(round(width / 2 + drift[0] * t)) % width
-        canvas = background[by:by + height, bx:bx + width].copy()
-        x = int(round(np.clip(x_start + dx * speed * t, 0, width - size)))
-        y = int(round(np.clip(y_start + dy * speed * t, 0, height - size)))
-        canvas[y:y + size, x:x + size] = sprite
+def motion_frames(label: int, rng: np.random.Generator, num_frames: int = 32, size: int = 64) -> np.ndarray:
+    """(T, H, W, 3) uint8: a bright textured square on a dim textured background that moves up, moves down, grows
+    or shrinks (label 0..3). No single frame tells the classes apart, and a horizontal flip (part of the training
+    recipe) keeps every class what it is."""
+    background = 0.25 + 0.3 * _smooth_noise(rng, size, size, cell=int(rng.integers(6, 14)))
+    colour = 0.55 + 0.45 * rng.random(3, dtype=np.float32)
+    sprite_texture = _smooth_noise(rng, size, size, cell=4)
+    speed = rng.uniform(1.0, 1.4)  # pixels per frame
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    if label in (0, 1):  # vertical motion, the free x drawn at random
+        side = int(rng.integers(10, 17))
+        travel = speed * (num_frames - 1)
+        x = int(rng.integers(0, size - side + 1))
+        y_first = rng.uniform(travel, size - side) if label == 0 else rng.uniform(0, size - side - travel)
+        sides = [side] * num_frames
+        corners = [(y_first + (-speed if label == 0 else speed) * t, x) for t in range(num_frames)]
+    else:  # growing or shrinking about a random centre
+        small, large = int(rng.integers(6, 11)), int(rng.integers(26, 33))
+        cy, cx = rng.uniform(large / 2, size - large / 2, size=2)
+        sides = np.linspace(small, large, num_frames) if label == 2 else np.linspace(large, small, num_frames)
+        corners = [(cy - s / 2, cx - s / 2) for s in sides]
+    for t, (side, (y, x)) in enumerate(zip(sides, corners)):
+        canvas = background.copy()
+        side = int(round(side))
+        y = int(round(np.clip(y, 0, size - side)))
+        x = int(round(np.clip(x, 0, size - side)))
+        canvas[y:y + side, x:x + side] = colour * (0.7 + 0.3 * sprite_texture[:side, :side])
         frames[t] = (canvas * 255).astype(np.uint8)
     return frames
 
@@ -191,7 +198,7 @@ def _write_k400like_video(job: tuple) -> str:
     return str(path)
 
 
-def make_motion_set(out: str | Path, seed: int = 0, train_per_class: int = 40, val_per_class: int = 10,
+def make_motion_set(out: str | Path, seed: int = 0, train_per_class: int = 80, val_per_class: int = 20,
                     codec: str = "vp9", workers: int = 2) -> Path:
     """Writes the demo set: videos/, train_list.txt, val_list.txt, class_names.txt under `out`."""
     out = Path(out)
@@ -247,11 +254,11 @@ def _run_jobs(function, jobs: list, workers: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True)
-    motion = sub.add_parser("motion", help="the demo's four motion-direction classes")
+    motion = sub.add_parser("motion", help="the demo's four motion classes")
     motion.add_argument("--out", required=True, help="output folder")
     motion.add_argument("--seed", type=int, default=0, help="draws every video; another seed, another data set")
-    motion.add_argument("--train-per-class", type=int, default=40, help="training videos per class")
-    motion.add_argument("--val-per-class", type=int, default=10, help="validation videos per class")
+    motion.add_argument("--train-per-class", type=int, default=80, help="training videos per class")
+    motion.add_argument("--val-per-class", type=int, default=20, help="validation videos per class")
     motion.add_argument("--codec", choices=sorted(CODECS), default="vp9", help="vp9 decodes on CPU and GPU")
     motion.add_argument("--workers", type=int, default=2, help="encoding processes")
     k400 = sub.add_parser("k400like", help="10 s 340x256 30 fps clips shaped like Kinetics-400 downloads")
