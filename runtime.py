@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config import Config
-from dali_pipes.loader import VideoLoader
+from dali_pipes.loader import VideoLoader, probe_list
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,17 @@ def default_work_dir(config_path: str | Path) -> Path:
 def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int,
                        views: tuple[int, int] = (1, 1), dtype: torch.dtype | None = None,
                        channels_last: bool = False) -> VideoLoader:
-    """The DALI VideoLoader of this process's shard for mode train, val or test."""
+    """The DALI VideoLoader of this process's shard for mode train, val or test.
+
+    The first process of each machine probes the list's videos first, so the others read its cache instead of
+    probing every video once per process.
+    """
+    if ctx.distributed:
+        if ctx.local_rank == 0:
+            list_file = {"train": cfg.data.train_list, "val": cfg.data.val_list, "test": cfg.data.test_list}[mode]
+            root = {"train": cfg.data.root, "val": cfg.data.val_root, "test": cfg.data.test_root}[mode]
+            probe_list(list_file, root or cfg.data.root, cfg.model.num_classes, max(cfg.data.num_threads, 4))
+        barrier()
     return VideoLoader(cfg.data, mode, batch_size, cfg.model.num_classes, shard_id=ctx.rank,
                        num_shards=ctx.world_size, device_id=ctx.cuda_index, seed=cfg.train.seed, views=views,
                        dtype=dtype or torch.float32, channels_last=channels_last)
