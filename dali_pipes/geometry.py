@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+MEAN_RGB = (123.675, 116.28, 103.53)  # normalisation after all geometric steps: ImageNet statistics x 255 (§6.2)
+STD_RGB = (58.395, 57.12, 57.375)
 RRC_AREA_RANGE = (0.08, 1.0)  # RandomResizedCrop defaults: fraction of the frame area
 RRC_ASPECT_RANGE = (3 / 4, 4 / 3)  # width / height
 RRC_ATTEMPTS = 10

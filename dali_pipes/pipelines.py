@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from nvidia.dali import fn, pipeline_def, types
 
-MEAN_RGB = (123.675, 116.28, 103.53)  # ImageNet statistics x 255, reference §6.2
-STD_RGB = (58.395, 57.12, 57.375)
+from dali_pipes.geometry import MEAN_RGB, STD_RGB
 
 
 def _decode_and_resize(encoded, frames, height, width, decode_device: str, augment_on_gpu: bool):

@@ -10,7 +10,7 @@ from config import DataConfig
 from dali_helpers import CpuDecoder
 from dali_pipes import geometry
 from dali_pipes.loader import LoaderError, VideoLoader
-from dali_pipes.pipelines import MEAN_RGB, STD_RGB
+from dali_pipes.geometry import MEAN_RGB, STD_RGB
 from dali_pipes.sampling import sample_frames, sample_rng
 from tools.make_synthetic import k400like_frames, read_index, write_video
 
