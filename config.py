@@ -124,11 +124,21 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads a YAML config (or starts from the defaults when path is None) and applies `key=value` overrides."""
+    if path is None:
+        return _build({}, "defaults", overrides)
+    path = resolve_config_path(path)
+    return _build(_read_yaml(path), str(path), overrides)
+
+
+def config_from_dict(values: dict[str, Any], where: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Rebuilds a Config from `config_to_dict` output (e.g. stored in a checkpoint), with the same checks."""
+    return _build(_flatten(values, where), where, overrides)
+
+
+def _build(flat_values: dict[str, Any], where: str, overrides: list[str] | tuple[str, ...]) -> Config:
     cfg = Config()
-    if path is not None:
-        path = resolve_config_path(path)
-        for key, value in _read_yaml(path).items():
-            _assign(cfg, key, value, where=str(path))
+    for key, value in flat_values.items():
+        _assign(cfg, key, value, where)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -180,15 +190,6 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(values: dict[str, Any], where: str) -> Config:
-    """Rebuilds a Config from `config_to_dict` output (e.g. stored in a checkpoint), with the same checks."""
-    cfg = Config()
-    for key, value in _flatten(values, where).items():
-        _assign(cfg, key, value, where)
-    check_config(cfg)
-    return cfg
-
-
 def format_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
@@ -237,7 +238,7 @@ def _flatten(tree: Any, where: str) -> dict[str, Any]:
 def _assign(cfg: Config, key: str, value: Any, where: str) -> None:
     section, dot, name = key.partition(".")
     if section not in SECTIONS or not dot:
-        raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, _all_keys())}; "
+        raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, all_keys())}; "
                           f"keys look like SECTION.NAME with sections {', '.join(SECTIONS)}")
     fields = {f.name: f for f in dataclasses.fields(SECTIONS[section]())}
     if name not in fields:
@@ -255,7 +256,7 @@ def _coerce(key: str, value: Any, expected: type, where: str) -> Any:
     raise ConfigError(f"{where}: {key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
 
 
-def _all_keys() -> list[str]:
+def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, factory in SECTIONS.items() for f in dataclasses.fields(factory())]
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -178,17 +177,7 @@ def config_from_checkpoint(path: Path, overrides: list[str]) -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: holds no config of this project (an MMAction2 checkpoint?); "
                           f"pass --config, e.g. --config k400_8x8x1.yaml")
-    values = copy.deepcopy(values)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set test.batch_size=2")
-        try:
-            values.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: value is not a YAML scalar") from e
-    return config_from_dict(values, where=f"{path} (its config, with --set overrides)")
+    return config_from_dict(values, where=f"{path} (its config)", overrides=overrides)
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, config_from_dict, config_to_dict, load_config, parse_views, save_config
+from config import ConfigError, all_keys, config_from_dict, config_to_dict, load_config, parse_views, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +98,9 @@ def test_command_line_prints_the_resolved_config_and_fails_in_one_line():
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "unknown key 'train.lrr'" in bad.stderr
+
+
+def test_readme_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key in all_keys() if f"`{key}`" not in readme]
+    assert not missing, f"README.md's key table lacks {missing}"
