@@ -7,9 +7,11 @@
 Stages, each timed alone on the same batches (CPU decoding; what loader.py's `ours_train` runs end to end):
 - source: `BatchSource` (dali_pipes/loader.py), the external-source callback: SampleFrames, the GOP cut of
   each clip (segments.read_segment), crop box and flip. Runs in the Python thread that feeds DALI.
-- decode: a DALI graph with only `fn.decoders.video` on the source's outputs, computed once beforehand.
+- decode: a DALI graph with only `fn.decoders.video` on the source's outputs, computed once beforehand;
+- decode_resize: the same plus the short-side resize, as pipelines.py writes it (bilinear, no antialias);
 - graph: the real train graph (dali_pipes/pipelines.py: decode, resize, crop, resize, flip, normalise) on the
   same precomputed outputs, so the Python source is not on its path.
+Differences between consecutive stages give each step's cost.
 Each record gives clips/s, CPU cores busy and CPU ms per clip (the cost, which other load hardly changes), and
 the frames the decoder has to decode per clip (from the keyframe before the first sampled frame to the last
 one). --profile adds the source's top functions by cumulative time (cProfile).
@@ -81,14 +83,19 @@ class CachedSource:
         return self.batches[batch_info.iteration % len(self.batches)]
 
 
-def decode_only_pipeline(source, batch_size: int, num_threads: int):
-    from nvidia.dali import fn, pipeline_def
+def partial_pipeline(source, batch_size: int, num_threads: int, resize: bool):
+    """Decode only, or decode and the short-side resize, on (encoded, frames, height, width) from `source`."""
+    from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=2)
     def graph():
-        encoded, frames = fn.external_source(source=lambda info: source(info)[:2], num_outputs=2, batch=True,
-                                             batch_info=True)
-        return fn.decoders.video(encoded, device="cpu", frames=frames)
+        encoded, frames, height, width = fn.external_source(source=lambda info: source(info)[:4], num_outputs=4,
+                                                            batch=True, batch_info=True)
+        video = fn.decoders.video(encoded, device="cpu", frames=frames)
+        if resize:  # as pipelines._resize
+            video = fn.resize(video, resize_y=height, resize_x=width, interp_type=types.INTERP_LINEAR,
+                              antialias=False)
+        return video
 
     return graph()
 
@@ -161,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     cached = CachedSource(batches)
     for threads in args.threads or [cfg.data.num_threads]:
         pipes = {
-            "decode": decode_only_pipeline(cached, batch, threads),
+            "decode": partial_pipeline(cached, batch, threads, resize=False),
+            "decode_resize": partial_pipeline(cached, batch, threads, resize=True),
             "graph": train_pipeline(source=cached, decode_device="cpu", augment_on_gpu=False,
                                     crop_size=cfg.data.train_crop, dtype=DALI_DTYPES["float32"], parallel=False,
                                     batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2,

@@ -107,7 +107,7 @@ def test_dataset_gives_mmaction2_views_in_order(videos):
 
 def test_loader_stages_smoke_records(bench_dir):
     records = run_smoke("loader_stages.py", "--data-dir", str(bench_dir))
-    assert [r["variant"] for r in records] == ["source", "decode_t1", "graph_t1"]
+    assert [r["variant"] for r in records] == ["source", "decode_t1", "decode_resize_t1", "graph_t1"]
     for record in records:
         assert record["benchmark"] == "loader_stages" and record["clips_per_s"] > 0
         assert record["frames_decoded_per_clip"] > 0 and record["cpu_ms_per_clip"] is not None
