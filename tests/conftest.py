@@ -14,6 +14,8 @@ INDEX_HW = (48, 64)  # height, width of the index-coded clips
 
 
 def pytest_collection_modifyitems(config, items):
+    """Fast unit tests first, whole-program (`slow`) runs last; `gpu` tests skip without CUDA."""
+    items.sort(key=lambda item: "slow" in item.keywords)  # stable: file order kept within each group
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (and NVDEC for video decoding); this machine has no GPU")
