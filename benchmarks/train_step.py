@@ -7,7 +7,7 @@
 
 Variants, each adding one thing to the one before (a fresh model each, same seed):
 - fp32: fp32 contiguous NCTHW, eager, torch.optim.SGD with its default (foreach) update: MMAction2's setup;
-- bf16: + autocast to bf16 (forward; the loss in fp32, as train.py);
+- bf16: + autocast to bf16 (forward; the loss in fp32) and bf16 input clips, as train.py and its loader do;
 - bf16_cl: + channels_last_3d for the model and the input;
 - bf16_cl_fused: + SGD(fused=True);
 - bf16_cl_fused_compile: + torch.compile of the model (compile time shows in `first_step_s`).
@@ -132,6 +132,8 @@ def run_variant(cfg: Config, variant: Variant, batch: int, device: torch.device,
     model.to(device)
     shape = (batch, 3, cfg.data.clip_len, cfg.data.train_crop, cfg.data.train_crop)
     clips = torch.randn(shape, device=device)  # already normalised, as the loader delivers them
+    if variant.bf16:
+        clips = clips.to(torch.bfloat16)  # train.py asks its loader for the autocast dtype
     labels = torch.randint(cfg.model.num_classes, (batch,), device=device)
     if variant.channels_last:
         model.to(memory_format=torch.channels_last_3d)
