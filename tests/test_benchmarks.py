@@ -1,6 +1,7 @@
 """The benchmarks' --smoke runs print well-formed records, and the PyAV baseline decodes MMAction2's frames.
 
 Timing values are not checked (they depend on the machine and its load); the record fields and variants are.
+The --smoke runs are whole programs, marked `slow` (they run last; about 30 s together on 2 cores).
 """
 
 import json
@@ -43,6 +44,7 @@ def bench_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bench")
 
 
+@pytest.mark.slow
 def test_loader_smoke_records(bench_dir):
     records = run_smoke("loader.py", "--data-dir", str(bench_dir))
     by_variant = {r["variant"]: r for r in records}
@@ -62,6 +64,7 @@ def test_loader_smoke_records(bench_dir):
     assert by_variant["ours_train"]["dali_decoder"] == ("cpu" if on_cpu else "mixed")
 
 
+@pytest.mark.slow
 def test_train_step_smoke_records():
     records = run_smoke("train_step.py", "--configs", "k400_8x8x1.yaml")
     by_variant = {r["variant"]: r for r in records}
@@ -105,6 +108,7 @@ def test_dataset_gives_mmaction2_views_in_order(videos):
     assert (first == again).all()  # draws come from sample_rng(seed, epoch, index): repeatable
 
 
+@pytest.mark.slow
 def test_loader_stages_smoke_records(bench_dir):
     records = run_smoke("loader_stages.py", "--data-dir", str(bench_dir))
     assert [r["variant"] for r in records] == ["source", "decode_t1", "decode_resize_t1", "graph_t1"]
