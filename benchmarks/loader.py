@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where batches go and our loader runs; auto: cuda when available")
     parser.add_argument("--clip-sets", nargs="+", default=None, metavar="DIR",
-                        help="existing K400-like sets (folders with train_list.txt) instead of generated ones")
+                        help="existing K400-like sets (folders with train_list.txt) instead of generated ones; a "
+                             "repeated list and probe caches are written into them")
     parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench",
                         help="where generated clip sets are cached, one folder per codec and GOP")
     parser.add_argument("--codec", choices=("vp9", "h264"), default=None,
