@@ -107,20 +107,21 @@ class BatchSource:
         encoded, base = read_segment(s.paths[index], info, int(frames.min()), int(frames.max()))
         height, width = geometry.short_side_size(info.height, info.width, s.short_side)
         # 0-d arrays, not numpy scalars: DALI's parallel external source accepts only arrays.
-        size = (np.array(height, np.float32), np.array(width, np.float32))
+        resize = (np.array(height, np.float32), np.array(width, np.float32),
+                  np.array((height, width) != (info.height, info.width)))  # target size, and whether it differs
         label, video_idx = np.array(s.labels[index], np.int64), np.array(index, np.int64)
         if s.mode == "train":
             rng = sampling.sample_rng(s.seed, epoch, index, 1)
             y, x, h, w = geometry.random_resized_crop_box(height, width, rng)
             flip = np.array(rng.random() < 0.5, np.int32)
-            return (encoded, (frames - base).astype(np.int32), *size, np.array([y, x], np.int32),
+            return (encoded, (frames - base).astype(np.int32), *resize, np.array([y, x], np.int32),
                     np.array([h, w], np.int32), flip, label, video_idx)
         if s.num_crops == 3:
             boxes = geometry.three_crop_boxes(height, width, s.crop_size)
         else:
             boxes = [geometry.center_crop_box(height, width, s.crop_size)]
         starts = [np.array(box[:2], np.int32) for box in boxes]
-        return (encoded, (frames - base).astype(np.int32), *size, np.array([s.crop_size] * 2, np.int32),
+        return (encoded, (frames - base).astype(np.int32), *resize, np.array([s.crop_size] * 2, np.int32),
                 label, video_idx, *starts)
 
 

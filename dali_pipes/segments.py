@@ -36,10 +36,11 @@ def segment_bounds(info: VideoInfo, first_frame: int, last_frame: int) -> tuple[
 def read_segment(path: str | Path, info: VideoInfo, first_frame: int, last_frame: int) -> tuple[np.ndarray, int]:
     """(encoded bytes as uint8, base): a decodable file holding frames base..stop-1 of `path` (display order).
 
-    The whole file is returned unchanged when the cut would span it.
+    A cut that starts at the first frame is the file itself: the decoder stops after the last wanted frame, so
+    the frames after it cost nothing, and the file needs no rewriting.
     """
     start, stop = segment_bounds(info, first_frame, last_frame)
-    if start == 0 and stop == info.num_frames:
+    if start == 0:
         return np.fromfile(path, dtype=np.uint8), 0
     muxer = _MUXERS.get(info.container)
     if muxer is None:  # a container we do not rewrite: decode from the start, still correct
