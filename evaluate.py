@@ -19,7 +19,6 @@ import argparse
 import copy
 import logging
 import pickle
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from checkpoints import find_best_checkpoint, find_latest_checkpoint
 from config import (Config, ConfigError, add_config_arguments, config_from_dict, format_config, load_config,
                     parse_views)
-from dali_pipes.lists import ListError
-from dali_pipes.loader import LoaderError
 from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from model.r2plus1d import ConvModule
 from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, build_video_loader,
-                     configure_determinism, default_work_dir, environment_info, gather_objects, init_distributed,
-                     is_main_process, log_skipped_videos, setup_logging, teardown_distributed)
+                     configure_determinism, default_work_dir, environment_info, gather_objects,
+                     is_main_process, log_skipped_videos, run_command, setup_logging)
 
 log = logging.getLogger("evaluate")
 
@@ -262,15 +259,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> EvalResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        ctx = init_distributed()
-        try:
-            run(args, ctx)
-        finally:
-            teardown_distributed()
-    except (ConfigError, CheckpointError, ListError, LoaderError) as e:
-        sys.exit(f"error: {e}")
+    run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

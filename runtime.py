@@ -16,15 +16,17 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from config import Config
-from dali_pipes.loader import VideoLoader, probe_list
+from config import Config, ConfigError
+from dali_pipes.lists import ListError
+from dali_pipes.loader import LoaderError, VideoLoader, probe_list
+from model import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,18 @@ def init_distributed() -> DistContext:
 def teardown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
+    """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line."""
+    try:
+        ctx = init_distributed()
+        try:
+            run(args, ctx)
+        finally:
+            teardown_distributed()
+    except (ConfigError, CheckpointError, ListError, LoaderError) as e:
+        sys.exit(f"error: {e}")
 
 
 def is_main_process() -> bool:

@@ -20,7 +20,6 @@ import argparse
 import inspect
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,14 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 from checkpoints import (Progress, config_differences, find_latest_checkpoint, remove_stale_temp_files,
                          restore_training_state, training_checkpoint, write_checkpoint_files)
 from config import Config, ConfigError, add_config_arguments, format_config, load_config, save_config
-from dali_pipes.lists import ListError
-from dali_pipes.loader import LoaderError
 from evaluate import EvalResult, evaluate
-from model import CheckpointError, build_model, convert_sync_batchnorm, load_checkpoint
+from model import build_model, convert_sync_batchnorm, load_checkpoint
 from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, amp_dtype, barrier, build_video_loader,
                      configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
-                     init_distributed, log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
-                     seed_everything, set_rng_state, setup_logging, sync_buffers, teardown_distributed)
+                     log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
+                     seed_everything, set_rng_state, run_command, setup_logging, sync_buffers)
 
 log = logging.getLogger("train")
 
@@ -415,15 +412,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        ctx = init_distributed()
-        try:
-            run(args, ctx)
-        finally:
-            teardown_distributed()
-    except (ConfigError, CheckpointError, ListError, LoaderError) as e:
-        sys.exit(f"error: {e}")
+    run_command(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,15 @@ def pattern_frames(num_frames: int, height: int, width: int) -> np.ndarray:
     return frames
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: one torch thread is fastest, and on a busy 2-core machine more threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory) -> dict[str, Path]:
     """Index-coded clips (frame i's colour encodes i) in the containers and codecs the tests need."""

@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.depth=18", "model.base_channels=8", "model.num_classes=4", "model.sync_bn=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is fastest, and on a busy 2-core machine more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_views_are_averaged_as_probabilities_not_logits():

@@ -1,6 +1,5 @@
 """Resize sizes and crop boxes as MMAction2 computes them (reference §6.1)."""
 
-import numpy as np
 import pytest
 
 from dali_pipes.geometry import center_crop_box, random_resized_crop_box, short_side_size, three_crop_boxes

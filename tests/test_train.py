@@ -29,13 +29,7 @@ TINY = ["model.depth=18", "model.base_channels=8", "model.num_classes=4", "model
         "train.batch_size=4", "train.lr=0.05", "train.log_interval=2", "train.clip_grad=10.0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is fastest, and on a busy 2-core machine more threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(*overrides):
