@@ -27,27 +27,23 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import math
 import sys
-import time
 from pathlib import Path
-from statistics import median
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.clip_sets import (NUM_CLASSES, bench_config, default_codec, make_clip_set,  # noqa: E402
+                                  set_description)
 from benchmarks.common import (add_common_arguments, apply_torch_threads, cores_available,  # noqa: E402
                                cpu_seconds_of_tree, emit, environment, make_record, synchronize, time_steps)
-from benchmarks.pyav_baseline import PyAVClips, baseline_loader  # noqa: E402
+from benchmarks.pyav_baseline import PyAVClips, baseline_loader, normaliser  # noqa: E402
 from config import ConfigError, Config, load_config, parse_views  # noqa: E402
 from dali_pipes.loader import VideoLoader, probe_list  # noqa: E402
-from dali_pipes.pipelines import MEAN_RGB, STD_RGB  # noqa: E402
-from tools.make_synthetic import make_k400like_set  # noqa: E402
 
 BENCHMARK = "loader"
 VARIANTS = ("ours_train", "ours_test", "pyav_train", "pyav_test", "pyav_train_seek", "pyav_test_seek")
-NUM_CLASSES = 4  # make_k400like_set's labels
 SMOKE_OVERRIDES = ["data.short_side=64", "data.train_crop=56", "data.val_crop=56", "data.test_crop=64",
                    "data.num_threads=1", "test.views=2x3"]
 LOG = logging.getLogger("benchmarks.loader")
@@ -92,54 +88,9 @@ def clip_sets(args: argparse.Namespace, on_gpu: bool) -> list[Path]:
     """The set folders to measure: the given ones, or generated (once) ones for each GOP."""
     if args.clip_sets:
         return [Path(folder) for folder in args.clip_sets]
-    codec = args.codec or ("h264" if on_gpu else "vp9")
+    codec = args.codec or default_codec(on_gpu)
     gops = args.gops or ([250, 16] if on_gpu else [128])
-    folders = []
-    for gop in gops:
-        folder = Path(args.data_dir) / f"k400like_{codec}_gop{gop}_n{args.num_videos}_f{args.frames}"
-        if not (folder / "train_list.txt").is_file():
-            LOG.info("writing %d %s clips (GOP %d, %d frames) to %s", args.num_videos, codec, gop, args.frames,
-                     folder)
-            make_k400like_set(folder, args.num_videos, codec=codec, gop=gop, num_frames=args.frames,
-                              workers=cores_available())
-        folders.append(folder)
-    return folders
-
-
-def bench_config(args: argparse.Namespace, folder: Path, min_videos: int) -> tuple[Config, list[str]]:
-    """The recipe with its lists pointed at `folder`'s clips, repeated to at least `min_videos` entries."""
-    lines = [line for line in (folder / "train_list.txt").read_text().splitlines() if line.strip()]
-    repeats = max(1, math.ceil(min_videos / len(lines)))
-    list_file = folder / f"bench_list_x{repeats}.txt"
-    if not list_file.is_file():
-        list_file.write_text("\n".join(lines * repeats) + "\n")
-    data = [f"data.root={folder}", f"data.train_list={list_file}", f"data.val_list={list_file}",
-            f"data.test_list={list_file}", "data.val_root=", "data.test_root=", "data.class_names="]
-    overrides = data + list(args.overrides) + [f"model.num_classes={NUM_CLASSES}"]
-    return load_config(args.config, overrides), list(args.overrides)
-
-
-def set_description(list_file: str, root: str) -> dict:
-    """Codec, size, frames and keyframe interval of a clip set, read from the probe (what the loaders see)."""
-    records, _, infos = probe_list(list_file, root, NUM_CLASSES)
-    unique = {r.path: i for r, i in zip(records, infos)}
-    gaps = [b - a for info in unique.values() for a, b in zip(info.keyframes, info.keyframes[1:])]
-    first = next(iter(unique.values()))
-    return {"clip_set": root, "codec": first.codec, "videos": len(unique), "video_size": [first.width, first.height],
-            "frames_per_video": median(i.num_frames for i in unique.values()),
-            "gop": median(gaps) if gaps else first.num_frames}
-
-
-def normaliser(device: torch.device):
-    """uint8 (B, V, 3, T, H, W) from the baseline -> float32 normalised (B*V, 3, T, H, W) on the device."""
-    mean = torch.tensor(MEAN_RGB, device=device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(STD_RGB, device=device).view(1, 3, 1, 1, 1)
-
-    def convert(clips: torch.Tensor) -> torch.Tensor:
-        clips = clips.to(device, non_blocking=True).flatten(0, 1)
-        return (clips.float() - mean) / std
-
-    return convert
+    return [make_clip_set(args.data_dir, codec, gop, args.num_videos, args.frames) for gop in gops]
 
 
 def measure(batches, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float | None, tuple]:
@@ -229,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     min_videos = (args.warmup + args.steps + 2 * max(workers) + 2 * base_cfg.data.prefetch_batches + 4) * max(
         train_batch, test_batch)
     for folder in clip_sets(args, on_gpu):
-        cfg, overrides = bench_config(args, folder, min_videos)
+        cfg, overrides = bench_config(args.config, args.overrides, folder, min_videos), list(args.overrides)
         data = set_description(cfg.data.train_list, cfg.data.root)
         LOG.info("clip set %s", data)
         baseline_rates: dict[str, dict[str, float]] = {"train": {}, "test": {}}

@@ -4,13 +4,14 @@
     dataset = PyAVClips(records, infos, "train", clip_len=8, frame_interval=8, num_clips=1, num_crops=1,
                         short_side=256, crop_size=224, seed=0)
     loader = baseline_loader(dataset, batch_size=8, num_workers=2)   # uint8 (B, V, 3, T, H, W) per batch
+    to_model = normaliser(device)     # MMAction2's data preprocessor: float32 normalised (B*V, 3, T, H, W)
 
 Per video, as MMAction2's train pipeline (reference §1.1, §6.1) with PyAVInit/PyAVDecode in place of decord:
 SampleFrames -> decode -> Resize(-1, short_side) -> RandomResizedCrop -> Resize(crop, crop) -> Flip(0.5);
 test mode: SampleFrames(test_mode) -> decode -> Resize(-1, short_side) -> ThreeCrop or CenterCrop. The frame
 indices, crop boxes and flips come from dali_pipes.sampling and dali_pipes.geometry, the functions our DALI
 pipelines execute, so both sides do the same work on the same frames. Normalisation is left to the consumer, as
-MMAction2 leaves it to its data preprocessor on the GPU.
+MMAction2 leaves it to its data preprocessor on the GPU (`normaliser`).
 
 Two decode modes:
 - `mmaction2` (default): PyAVDecode(mode='accurate') exactly: read the file into memory, decode from the first
@@ -160,6 +161,19 @@ def baseline_loader(dataset: PyAVClips, batch_size: int, num_workers: int, seed:
     return DataLoader(dataset, batch_size=batch_size, shuffle=dataset.mode == "train", generator=generator,
                       num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
                       worker_init_fn=_single_thread_worker)
+
+
+def normaliser(device: torch.device):
+    """MMAction2's data preprocessor: uint8 (B, V, 3, T, H, W) batches -> float32 normalised (B*V, 3, T, H, W) on
+    `device`, with the mean and std our pipelines use."""
+    mean = torch.tensor(geometry.MEAN_RGB, device=device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(geometry.STD_RGB, device=device).view(1, 3, 1, 1, 1)
+
+    def convert(clips: torch.Tensor) -> torch.Tensor:
+        clips = clips.to(device, non_blocking=True).flatten(0, 1)
+        return (clips.float() - mean) / std
+
+    return convert
 
 
 def _single_thread_worker(worker_id: int) -> None:
