@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -69,6 +69,44 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int, device: torch.d
         times_ms.append((now - start) * 1e3)
         start = now
     return times_ms
+
+
+class TimedBatches:
+    """The next `count` items of `batches`, as an iterable for a loop we do not own (train_one_epoch, evaluate).
+
+    It notes the clock each time the loop asks for an item, so `step_ms()` gives the wall time of each of the loop's
+    steps, its wait for the item included, and `wait_pct()` the share of that time spent blocked in next(batches)
+    (train.py's data-wait figure). The device is synchronised before the first note and before the last (when the
+    loop asks past the end), so the steps' sum covers all the device work they queued, even where the loop itself
+    does not synchronise per step; single steps on a GPU are the host's pace, which matches the device's only on
+    average.
+    """
+
+    def __init__(self, batches: Iterator, count: int, device: torch.device):
+        self.batches, self.count, self.device = batches, count, device
+        self.marks: list[float] = []
+        self.wait_s = 0.0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator:
+        synchronize(self.device)
+        for _ in range(self.count):
+            start = time.perf_counter()
+            self.marks.append(start)
+            item = next(self.batches)
+            self.wait_s += time.perf_counter() - start
+            yield item
+        synchronize(self.device)
+        self.marks.append(time.perf_counter())
+
+    def step_ms(self) -> list[float]:
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+
+    def wait_pct(self) -> float:
+        total_s = self.marks[-1] - self.marks[0] if len(self.marks) > 1 else 0.0
+        return 100.0 * self.wait_s / max(total_s, 1e-9)
 
 
 def cpu_seconds_of_tree(pid: int | None = None) -> float | None:

@@ -1,7 +1,7 @@
 """The benchmarks' --smoke runs print well-formed records, and the PyAV baseline decodes MMAction2's frames.
 
 Timing values are not checked (they depend on the machine and its load); the record fields and variants are.
-The --smoke runs are whole programs, marked `slow` (they run last; about 30 s together on 2 cores).
+The --smoke runs are whole programs, marked `slow` (they run last; about a minute together on 2 cores).
 """
 
 import json
@@ -115,3 +115,28 @@ def test_loader_stages_smoke_records(bench_dir):
     for record in records:
         assert record["benchmark"] == "loader_stages" and record["clips_per_s"] > 0
         assert record["frames_decoded_per_clip"] > 0 and record["cpu_ms_per_clip"] is not None
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke_records(bench_dir):
+    records = run_smoke("end_to_end.py", "--data-dir", str(bench_dir))
+    by_variant = {r["variant"]: r for r in records}
+    assert set(by_variant) == {f"{recipe}/{v}" for recipe in ("k400_8x8x1", "k400_32x2x1")
+                               for v in ("loader", "model", "train")}
+    on_cpu = by_variant["k400_8x8x1/train"]["device"].startswith("CPU")
+    for name, record in by_variant.items():
+        clip_len = 8 if name.startswith("k400_8x8x1") else 32
+        assert record["benchmark"] == "end_to_end" and record["timed_steps"] == 2 and record["batch"] == 2, name
+        assert record["clip_shape"] == [3, clip_len, 56, 56] and record["clips_per_s"] > 0, name
+        assert record["codec"] == ("vp9" if on_cpu else "h264") and record["depth"] == 18, name
+        assert record["precision"] == ("fp32" if on_cpu else "bf16"), name
+        assert record["channels_last"] is (not on_cpu) and record["fused_optimizer"] is (not on_cpu), name
+    for recipe in ("k400_8x8x1", "k400_32x2x1"):
+        train, model = by_variant[f"{recipe}/train"], by_variant[f"{recipe}/model"]
+        assert 0 <= train["data_wait_pct"] <= 100 and 0 <= model["data_wait_pct"] <= 100
+        assert train["model_only_clips_per_s"] == model["clips_per_s"]
+        assert train["loader_only_clips_per_s"] == by_variant[f"{recipe}/loader"]["clips_per_s"]
+        assert train["ratio_to_model_only"] > 0 and "derived_wait_pct" in train
+        assert train["train_py_clips_per_s"] > 0 and train["dali_decoder"] == ("cpu" if on_cpu else "mixed")
+        assert model["input_dtype"] == by_variant[f"{recipe}/loader"]["input_dtype"]
+
