@@ -140,3 +140,23 @@ def test_end_to_end_smoke_records(bench_dir):
         assert train["train_py_clips_per_s"] > 0 and train["dali_decoder"] == ("cpu" if on_cpu else "mixed")
         assert model["input_dtype"] == by_variant[f"{recipe}/loader"]["input_dtype"]
 
+
+@pytest.mark.slow
+def test_evaluate_smoke_records(bench_dir):
+    records = run_smoke("evaluate.py", "--data-dir", str(bench_dir))
+    by_variant = {r["variant"]: r for r in records}
+    assert list(by_variant) == ["model_fp32", "model_fast", "pyav_w1", "pyav_seek_w1", "ours"]
+    on_cpu = by_variant["ours"]["device"].startswith("CPU")
+    for name, record in by_variant.items():
+        assert record["benchmark"] == "evaluate" and record["timed_steps"] == 2 and record["batch"] == 1, name
+        assert record["views_per_video"] == 6 and record["clip_shape"] == [3, 8, 64, 64], name  # test.views=2x3
+        assert record["videos_per_s"] > 0 and record["evaluate_py_videos_per_s"] > 0, name
+        assert 0 <= record["data_wait_pct"] <= 100, name
+        fast = name in ("model_fast", "ours")
+        assert record["bn_folded"] is fast, name
+        assert record["precision"] == ("bf16" if fast and not on_cpu else "fp32"), name
+    assert by_variant["pyav_w1"]["decode"] == "mmaction2" and by_variant["pyav_seek_w1"]["decode"] == "seek"
+    ours = by_variant["ours"]
+    assert ours["ratio_to_baselines"].keys() == {"pyav_w1", "pyav_seek_w1"}
+    assert ours["model_only_videos_per_s"] == by_variant["model_fast"]["videos_per_s"]
+    assert ours["loader"] == "dali" and ours["dali_decoder"] == ("cpu" if on_cpu else "mixed")
