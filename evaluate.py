@@ -142,6 +142,18 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
+def inference_setup(model: nn.Module, cfg: Config,
+                    device: torch.device) -> tuple[nn.Module, torch.dtype | None, bool]:
+    """The fast inference path: (BN-folded copy on `device`, autocast dtype, channels_last_3d), the last two for the
+    GPU only (test.amp, train.channels_last); the loader should deliver clips in that dtype and layout."""
+    folded = fold_batchnorm(model).to(device)
+    autocast_dtype = amp_dtype(cfg.test.amp, device)
+    channels_last = device.type == "cuda" and cfg.train.channels_last
+    if channels_last:
+        folded.to(memory_format=torch.channels_last_3d)
+    return folded, autocast_dtype, channels_last
+
+
 def dump_records(result: EvalResult, records: list, num_classes: int, crop_size: int) -> list[dict]:
     """One dict per scored video in list order, with MMAction2's --dump fields plus `filename` (the video path)."""
     dumped = []
@@ -233,12 +245,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> EvalResult:
     model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)
     meta = load_checkpoint(model, checkpoint).get("meta", {})
     log.info("checkpoint %s (epoch %s)", checkpoint, meta.get("epoch", "?") if isinstance(meta, dict) else "?")
-    model = fold_batchnorm(model).to(ctx.device)
-    on_gpu = ctx.device.type == "cuda"
-    autocast_dtype = amp_dtype(cfg.test.amp, ctx.device)
-    channels_last = on_gpu and cfg.train.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last_3d)
+    model, autocast_dtype, channels_last = inference_setup(model, cfg, ctx.device)
     loader = build_video_loader(cfg, "test", ctx, cfg.test.batch_size, views=(num_clips, num_crops),
                                 dtype=autocast_dtype, channels_last=channels_last)
     log.info("test: %d videos from %s, %s views (%d clips x %d crops of %d px) on %d process(es)",

@@ -27,9 +27,8 @@ from dali_pipes.lists import ListError, read_class_names
 from dali_pipes.loader import LoaderError, VideoLoader
 from dali_pipes.probe import CPU_CODECS, ProbeError, VideoInfo, probe_video
 from dali_pipes.pyav_clips import eval_views
-from evaluate import average_views, fold_batchnorm, resolve_run
+from evaluate import average_views, inference_setup, resolve_run
 from model import CheckpointError, build_model, load_checkpoint
-from runtime import amp_dtype
 
 log = logging.getLogger("predict")
 TOP_K = 5
@@ -57,13 +56,13 @@ def use_dali(info: VideoInfo, decoder: str, on_gpu: bool) -> bool:
 
 
 def dali_views(path: str, data: DataConfig, views: tuple[int, int], num_classes: int, device: torch.device,
-               work: Path) -> torch.Tensor:
+               work: Path, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
     """(V, 3, T, H, W) test views of one video through the DALI test pipeline of evaluate.py."""
     list_file = work / f"{len(list(work.iterdir()))}.txt"
     list_file.write_text(f"{Path(path).resolve()} 0\n")
     cfg = DataConfig(**{**vars(data), "root": "", "test_list": str(list_file)})
     loader = VideoLoader(cfg, "test", batch_size=1, num_classes=num_classes, device_id=device.index,
-                         views=views)
+                         views=views, dtype=dtype or torch.float32, channels_last=channels_last)
     if loader.skipped:
         raise LoaderError(f"{path}: {loader.skipped[0][1]}")
     (batch,) = list(loader)
@@ -84,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CheckpointError, ListError) as e:
         sys.exit(f"error: {e}")
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    model = fold_batchnorm(model).to(device).eval()
-    autocast_dtype = amp_dtype(cfg.test.amp, device)
+    model, autocast_dtype, channels_last = inference_setup(model, cfg, device)
     failures = 0
     with tempfile.TemporaryDirectory(prefix="predict_") as work:
         for path in args.videos:
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 info = probe_video(path)
                 if use_dali(info, args.decoder, device.type == "cuda"):
                     clips = dali_views(path, cfg.data, (num_clips, num_crops), cfg.model.num_classes, device,
-                                       Path(work))
+                                       Path(work), autocast_dtype, channels_last)
                 else:
                     clips = eval_views(path, info, info.num_frames, cfg.data.clip_len, cfg.data.frame_interval,
                                        num_clips, num_crops, cfg.data.short_side, cfg.data.test_crop)

@@ -96,6 +96,18 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float, device: torch.devi
     return torch.optim.SGD(model.parameters(), fused=impl == "torch", **settings)
 
 
+def training_precision(cfg: Config, device: torch.device
+                       ) -> tuple[torch.dtype | None, bool, torch.amp.GradScaler | None]:
+    """(autocast dtype, channels_last_3d, grad scaler) of the training step; fp32 and contiguous on a CPU.
+
+    The loader should deliver clips in that dtype and layout; fp16 needs the scaler, bf16 does not.
+    """
+    autocast_dtype = amp_dtype(cfg.train.amp, device)
+    channels_last = device.type == "cuda" and cfg.train.channels_last
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    return autocast_dtype, channels_last, scaler
+
+
 def prepare_model(cfg: Config, ctx: DistContext) -> nn.Module:
     """The recognizer on ctx.device, with SyncBatchNorm and channels_last_3d where the config and device call for it."""
     model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)
@@ -203,9 +215,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             rates = _rates(totals)
             lr = optimizer.param_groups[0]["lr"]
             mem = f" mem {memory_gb:.1f}G" if device.type == "cuda" else ""
-            log.info("epoch %d [%d/%d] eta %s loss %.3f top1 %.3f grad_norm %.2f lr %.4g clips/s %.0f data %.1f%%%s",
+            log.info("epoch %d [%d/%d] eta %s loss %.3f top1 %.3f grad_norm %.2f lr %.4g clips/s %s data %.1f%%%s",
                      epoch + 1, batch_idx + 1, num_batches, format_duration(eta_s), rates["loss"], rates["top1"],
-                     rates["grad_norm"], lr, rates["clips_per_s"], rates["data_wait_pct"], mem)
+                     rates["grad_norm"], lr, _rate(rates["clips_per_s"]), rates["data_wait_pct"], mem)
             if metrics is not None:
                 scalars = {"train/loss": rates["loss"], "train/lr": lr, "train/top1": rates["top1"],
                            "train/top5": rates["top5"], "train/grad_norm": rates["grad_norm"],
@@ -234,6 +246,11 @@ def _rates(totals: torch.Tensor) -> dict[str, float]:
     return {"loss": loss / max(clips, 1), "top1": top1 / max(clips, 1), "top5": top5 / max(clips, 1),
             "grad_norm": grad_norm / max(steps, 1), "clips_per_s": clips / max(wall_s, 1e-9),
             "data_wait_pct": 100.0 * wait_s / max(step_s, 1e-9)}
+
+
+def _rate(per_s: float) -> str:
+    """Whole numbers where they are large, two decimals below 10 (a CPU step can take seconds)."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2f}"
 
 
 def validation_due(epoch: int, cfg: Config) -> bool:
@@ -275,9 +292,9 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
         scheduler.step()
         sync_buffers(model)
         progress = Progress(epoch + 1, 0, stats.iterations, progress.best_top1, progress.best_epoch)
-        log.info("epoch %d done in %s: loss %.3f top1 %.3f top5 %.3f grad_norm %.2f lr %.4g clips/s %.0f data %.1f%%",
+        log.info("epoch %d done in %s: loss %.3f top1 %.3f top5 %.3f grad_norm %.2f lr %.4g clips/s %s data %.1f%%",
                  epoch + 1, format_duration(stats.seconds), stats.loss, stats.top1, stats.top5, stats.grad_norm,
-                 lr, stats.clips_per_s, stats.data_wait_pct)
+                 lr, _rate(stats.clips_per_s), stats.data_wait_pct)
         if metrics is not None:
             metrics.add_scalars({"epoch/loss": stats.loss, "epoch/top1": stats.top1, "epoch/clips_per_s":
                                  stats.clips_per_s}, progress.iteration, mode="epoch", epoch=epoch + 1)
@@ -340,8 +357,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     configure_determinism(args.deterministic)
 
     on_gpu = ctx.device.type == "cuda"
-    autocast_dtype = amp_dtype(cfg.train.amp, ctx.device)
-    channels_last = on_gpu and cfg.train.channels_last
+    autocast_dtype, channels_last, scaler = training_precision(cfg, ctx.device)
     train_loader = build_video_loader(cfg, "train", ctx, cfg.train.batch_size, dtype=autocast_dtype,
                                       channels_last=channels_last)
     log.info("train: %d videos, %d batches per epoch of %d x %d videos", len(train_loader.records),
@@ -363,7 +379,6 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
                  scaled_lr(cfg.train.lr, total_batch), total_batch, AUTO_SCALE_BASE_BATCH)
     optimizer = build_optimizer(model, cfg, cfg.train.lr * lr_scale, ctx.device)
     scheduler = build_scheduler(optimizer, cfg.train.epochs)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     log.info("precision %s, channels_last %s, optimizer %s%s, %s", cfg.train.amp if autocast_dtype else "fp32",
              channels_last, type(optimizer).__name__, " (fused)" if optimizer.defaults.get("fused") else "",
              "deterministic" if args.deterministic else "cuDNN autotuning" if on_gpu else "CPU")

@@ -44,8 +44,8 @@ from benchmarks.common import (TimedBatches, add_common_arguments, apply_torch_t
                                cpu_seconds_of_tree, emit, environment, make_record, time_steps)
 from config import Config, ConfigError, load_config  # noqa: E402
 from dali_pipes.loader import Batch, LoaderError  # noqa: E402
-from runtime import DistContext, amp_dtype, build_video_loader, configure_determinism, seed_everything  # noqa: E402
-from train import build_optimizer, prepare_model, train_one_epoch  # noqa: E402
+from runtime import DistContext, build_video_loader, configure_determinism, seed_everything  # noqa: E402
+from train import build_optimizer, prepare_model, train_one_epoch, training_precision  # noqa: E402
 
 BENCHMARK = "end_to_end"
 VARIANTS = ("loader", "model", "train")
@@ -133,7 +133,7 @@ def run_training(cfg: Config, ctx: DistContext, batches, autocast_dtype: torch.d
     seed_everything(cfg.train.seed)
     model = prepare_model(cfg, ctx)
     optimizer = build_optimizer(model, cfg, cfg.train.lr, ctx.device)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None  # as train.run
+    _, _, scaler = training_precision(cfg, ctx.device)
     train_model = torch.compile(model) if cfg.model.compile else model
     common = dict(epoch=0, epochs=1, device=ctx.device, autocast_dtype=autocast_dtype, scaler=scaler,
                   clip_grad=cfg.train.clip_grad, log_interval=cfg.train.log_interval)
@@ -164,8 +164,7 @@ def measure_recipe(config_name: str, cfg: Config, ctx: DistContext, env: dict, d
                    args: argparse.Namespace) -> None:
     """Emits the loader, model and train records of one recipe."""
     on_gpu = ctx.device.type == "cuda"
-    autocast_dtype = amp_dtype(cfg.train.amp, ctx.device)  # as train.run sets up the step and its loader
-    channels_last = on_gpu and cfg.train.channels_last
+    autocast_dtype, channels_last, _ = training_precision(cfg, ctx.device)  # as train.run sets up step and loader
     batch = cfg.train.batch_size
     clips_per_step = batch * cfg.data.num_clips
     clip_shape = [3, cfg.data.clip_len, cfg.data.train_crop, cfg.data.train_crop]

@@ -49,9 +49,9 @@ from benchmarks.common import (TimedBatches, add_common_arguments, apply_torch_t
 from benchmarks.pyav_baseline import PyAVClips, baseline_loader, normaliser  # noqa: E402
 from config import Config, ConfigError, load_config, parse_views  # noqa: E402
 from dali_pipes.loader import Batch, LoaderError, probe_list  # noqa: E402
-from evaluate import evaluate, fold_batchnorm  # noqa: E402
+from evaluate import evaluate, inference_setup  # noqa: E402
 from model import build_model  # noqa: E402
-from runtime import DistContext, amp_dtype, build_video_loader, configure_determinism, seed_everything  # noqa: E402
+from runtime import DistContext, build_video_loader, configure_determinism, seed_everything  # noqa: E402
 
 BENCHMARK = "evaluate"
 VARIANTS = ("model_fp32", "model_fast", "pyav", "pyav_seek", "ours")
@@ -211,13 +211,9 @@ def measure(cfg: Config, ctx: DistContext, env: dict, data: dict, workers: list[
     num_clips, num_crops = parse_views(cfg.test.views)
     views = num_clips * num_crops
     videos = cfg.test.batch_size
-    autocast_dtype = amp_dtype(cfg.test.amp, device)  # as evaluate.run sets up its model and loader
-    channels_last = on_gpu and cfg.train.channels_last
     seed_everything(cfg.train.seed)
     plain = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)
-    fast = fold_batchnorm(plain).to(device)
-    if channels_last:
-        fast.to(memory_format=torch.channels_last_3d)
+    fast, autocast_dtype, channels_last = inference_setup(plain, cfg, device)  # as evaluate.run
     plain.to(device)
     setups = {  # variant kind -> (model, autocast dtype, input dtype, channels_last)
         "fp32": (plain, None, torch.float32, False),

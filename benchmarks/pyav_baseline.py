@@ -19,7 +19,8 @@ Two decode modes:
   the wanted ones. This is the MMAction2 PyAV baseline.
 - `seek`: what decord's `get_batch` and a careful PyAV reader do: start decoding at the clean keyframe at or
   before the first wanted frame (packets before it are demuxed but not decoded, which costs what a container
-  seek costs), stop at the last wanted frame, and convert only wanted frames to RGB. A stronger baseline.
+  seek costs), stop at the last wanted frame, and convert only wanted frames to RGB (dali_pipes.pyav_clips, the
+  reader predict.py falls back to). A stronger baseline.
 Each worker decodes with one FFmpeg thread and one torch thread, so N workers use about N cores. Resizes are
 bilinear without antialiasing on uint8 (torch's uint8 kernel; OpenCV's INTER_LINEAR in MMAction2, same maths up
 to rounding).
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from dali_pipes import geometry, sampling
 from dali_pipes.lists import VideoRecord
 from dali_pipes.probe import VideoInfo
-from dali_pipes.segments import segment_bounds
+from dali_pipes.pyav_clips import decode_frames
 
 DECODE_MODES = ("mmaction2", "seek")
 
@@ -81,7 +82,7 @@ class PyAVClips(Dataset):
         if self.decode == "mmaction2":
             frames = decode_accurate(record.path, indices)
         else:
-            frames = decode_from_keyframe(record.path, info, indices)
+            frames = decode_frames(record.path, info, indices, thread_count=1)
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8, channels-last in memory
         height, width = geometry.short_side_size(frames.shape[2], frames.shape[3], self.short_side)
         frames = resize(frames, height, width)  # MMAction2 resizes even when the size does not change
@@ -116,37 +117,6 @@ def decode_accurate(path: str, indices: np.ndarray) -> np.ndarray:
                 break
             decoded.append(frame.to_rgb().to_ndarray())
     return np.stack([decoded[i % len(decoded)] for i in indices])
-
-
-def decode_from_keyframe(path: str, info: VideoInfo, indices: np.ndarray) -> np.ndarray:
-    """(len(indices), H, W, 3) uint8 RGB: decode from the clean keyframe before the first index to the last.
-
-    From a clean keyframe K (probe.py) the decoder returns frames K, K+1, ... in display order, so the n-th
-    frame out is frame K + n; packets before K are skipped undecoded.
-    """
-    first, last = int(indices.min()), int(indices.max())
-    start, _ = segment_bounds(info, first, last)
-    wanted = set(indices.tolist())
-    rgb = {}
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_count = 1
-        position, shown = 0, start
-        for packet in container.demux(stream):  # the last packet is empty: decoding it drains the decoder
-            if packet.size > 0 and position < start:
-                position += 1
-                continue
-            for frame in packet.decode():
-                if shown in wanted:
-                    rgb[shown] = frame.to_rgb().to_ndarray()
-                shown += 1
-            if shown > last:
-                break
-    missing = wanted - rgb.keys()
-    if missing:
-        raise RuntimeError(f"{path}: decoded frames {start}..{shown - 1}, missing {sorted(missing)[:5]} "
-                           f"(probe says {info.num_frames} frames; delete the .probe.json cache and retry)")
-    return np.stack([rgb[i] for i in indices.tolist()])
 
 
 def resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

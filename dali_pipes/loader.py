@@ -191,7 +191,9 @@ class VideoLoader:
         expected = len(self) - start_batch
         if expected <= 0:
             return
-        reusable = self._iterator is not None and start_batch == 0 and (
+        # DALI's iterator is at an epoch start only after a pass that ran to its end; a train pass must also be
+        # the epoch that follows it (BatchSource maps DALI's epoch count onto training epochs).
+        reusable = self._iterator is not None and start_batch == 0 and self._next_dali_epoch is not None and (
             self.mode != "train" or self._next_dali_epoch == epoch)
         if not reusable:
             self._build(epoch, start_batch)

@@ -16,14 +16,18 @@ from dali_pipes import geometry, sampling
 from dali_pipes.probe import VideoInfo
 from dali_pipes.segments import segment_bounds
 
-def decode_frames(path: str, info: VideoInfo, indices: np.ndarray) -> np.ndarray:
-    """(len(indices), H, W, 3) uint8 RGB frames `indices` (any order, repeats allowed) of the video at `path`."""
+def decode_frames(path: str, info: VideoInfo, indices: np.ndarray, thread_count: int = 0) -> np.ndarray:
+    """(len(indices), H, W, 3) uint8 RGB frames `indices` (any order, repeats allowed) of the video at `path`.
+
+    `thread_count`: FFmpeg decoder threads (0: FFmpeg's choice).
+    """
     first, last = int(indices.min()), int(indices.max())
     start, _ = segment_bounds(info, first, last)
     wanted = set(indices.tolist())
     rgb: dict[int, np.ndarray] = {}
     with av.open(path) as container:
         stream = container.streams.video[0]
+        stream.thread_count = thread_count
         position, shown = 0, start
         for packet in container.demux(stream):  # the final empty packet drains the decoder
             if packet.size > 0 and position < start:

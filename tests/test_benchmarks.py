@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.pyav_baseline import PyAVClips, decode_accurate, decode_from_keyframe
+from benchmarks.pyav_baseline import PyAVClips, decode_accurate
+from dali_pipes.pyav_clips import decode_frames
 from dali_pipes.lists import VideoRecord
 from dali_pipes.probe import probe_video
 from dali_pipes.sampling import sample_frames
@@ -86,7 +87,7 @@ def test_both_decode_modes_return_the_wanted_frames(videos, key):
     info = probe_video(path)
     for indices in ([0, 8, 16], [40, 48, 56, 64], [299, 3, 150], [33, 33, 90]):
         indices = np.array([i % info.num_frames for i in indices])
-        for frames in (decode_accurate(path, indices), decode_from_keyframe(path, info, indices)):
+        for frames in (decode_accurate(path, indices), decode_frames(path, info, indices)):
             assert [read_index(frame) for frame in frames] == indices.tolist()
 
 

@@ -267,3 +267,10 @@ def test_a_video_that_breaks_decoding_is_named_and_left_out_next_time(tmp_path):
     again = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert [r.path for r in again.records] == [str(good)] and again.skipped[0][0] == str(bad)
     assert sum(len(b.labels) for b in again) == 1
+
+
+def test_an_evaluation_pass_broken_off_does_not_leak_into_the_next(index_list):
+    loader = VideoLoader(data_config(index_list), "val", batch_size=2, num_classes=4)
+    next(iter(loader))
+    assert [i for b in loader for i in b.video_idx.tolist()] == list(range(5))
+    assert [i for b in loader for i in b.video_idx.tolist()] == list(range(5))  # and again, reusing the pipeline
