@@ -1,4 +1,4 @@
-"""What every benchmark shares: the one-line JSON result record, step timing and CPU-time accounting.
+"""What every benchmark shares: the start of main(), the one-line JSON result record, step timing and CPU time.
 
 A record names the machine (hostname, CPU count, device, torch/DALI/CUDA versions, git commit, date), what ran
 (benchmark, variant, config overrides, batch, clip shape, warm-up and timed step counts) and the figures: median
@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import platform
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -44,6 +46,29 @@ def apply_torch_threads(args: argparse.Namespace) -> None:
     threads = args.torch_threads or (1 if args.smoke else None)
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def add_device_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--device auto|cpu|cuda (default auto); `help_text` says what runs there."""
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=help_text)
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """The start of every benchmark's main(): INFO logging to stderr, torch threads, and the device of --device.
+
+    auto picks cuda:0 when CUDA is available, and a chosen GPU is made the current device; --device cuda on a
+    machine without CUDA exits with a one-line error.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    apply_torch_threads(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: this machine has no CUDA device (use --device cpu or auto)")
+    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    return device
 
 
 def synchronize(device: torch.device) -> None:

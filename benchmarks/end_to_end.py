@@ -39,9 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.clip_sets import bench_config, default_codec, make_clip_set, set_description  # noqa: E402
-from benchmarks.common import (TimedBatches, add_common_arguments, apply_torch_threads,  # noqa: E402
-                               cpu_seconds_of_tree, emit, environment, make_record, time_steps)
+from benchmarks.clip_sets import (add_clip_set_arguments, bench_config, clip_set_folder,  # noqa: E402
+                                  set_description, smoke_clip_set)
+from benchmarks.common import (TimedBatches, add_common_arguments, add_device_argument,  # noqa: E402
+                               cpu_seconds_of_tree, emit, environment, make_record, start, time_steps)
 from config import Config, ConfigError, load_config  # noqa: E402
 from dali_pipes.loader import Batch, LoaderError  # noqa: E402
 from runtime import DistContext, build_video_loader, configure_determinism, seed_everything  # noqa: E402
@@ -60,25 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=["k400_8x8x1.yaml", "k400_32x2x1.yaml"],
                         help="recipes to measure (clip shape, model, optimiser, precision, loader settings)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the model and our loader run; auto: cuda when available")
-    parser.add_argument("--clip-set", default=None, metavar="DIR",
-                        help="an existing K400-like set (a folder with train_list.txt) instead of a generated one; a "
-                             "repeated list and its probe cache are written into it")
-    parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench",
-                        help="where the generated clip set is cached (one folder per codec and GOP)")
-    parser.add_argument("--codec", choices=("vp9", "h264"), default=None,
-                        help="codec of the generated set (default: h264 with CUDA, vp9 without)")
-    parser.add_argument("--gop", type=int, default=None,
-                        help="keyframe interval of the generated set (default: 250, x264's, with CUDA; 128 without)")
-    parser.add_argument("--num-videos", type=int, default=16, help="clips in the generated set")
-    parser.add_argument("--frames", type=int, default=300, help="frames per generated clip (30 fps)")
+    add_device_argument(parser, "where the model and our loader run; auto: cuda when available")
+    add_clip_set_arguments(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.overrides = SMOKE_OVERRIDES + args.overrides
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
-        args.num_videos, args.frames, args.gop = min(args.num_videos, 4), min(args.frames, 64), args.gop or 16
-        args.data_dir = str(Path(args.data_dir) / "smoke")
+        smoke_clip_set(args)
     return args
 
 
@@ -227,15 +216,7 @@ def measure_recipe(config_name: str, cfg: Config, ctx: DistContext, env: dict, d
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    apply_torch_threads(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: this machine has no CUDA device (use --device cpu or auto)")
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
+    device = start(args)
     ctx = DistContext(device=device)  # one process; train.py's helpers take it as they take torchrun's
     try:
         recipes = [(name, load_config(name, args.overrides)) for name in args.configs]
@@ -243,14 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     configure_determinism(False)  # cuDNN autotuning, as train.py without --deterministic
     env = environment(device)
-    if args.clip_set:
-        folder = Path(args.clip_set)
-        if not (folder / "train_list.txt").is_file():
-            sys.exit(f"error: --clip-set {folder}: no train_list.txt there (make one with tools/make_synthetic.py "
-                     f"k400like --out {folder} --codec vp9)")
-    else:
-        gop = args.gop or (250 if on_gpu else 128)
-        folder = make_clip_set(args.data_dir, args.codec or default_codec(on_gpu), gop, args.num_videos, args.frames)
+    folder = clip_set_folder(args, on_gpu=device.type == "cuda")
     for config_name, base in recipes:
         # Enough list entries that no timed step reaches the epoch's end, DALI's prefetched batches included.
         min_videos = (args.warmup + args.steps + base.data.prefetch_batches + 2) * base.train.batch_size

@@ -34,10 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.clip_sets import (NUM_CLASSES, bench_config, default_codec, make_clip_set,  # noqa: E402
-                                  set_description)
-from benchmarks.common import (add_common_arguments, apply_torch_threads, cores_available,  # noqa: E402
-                               cpu_seconds_of_tree, emit, environment, make_record, synchronize, time_steps)
+from benchmarks.clip_sets import (NUM_CLASSES, SMOKE_GOP, bench_config, default_codec, make_clip_set,  # noqa: E402
+                                  set_description, smoke_clip_set)
+from benchmarks.common import (add_common_arguments, add_device_argument, cores_available,  # noqa: E402
+                               cpu_seconds_of_tree, emit, environment, make_record, start, synchronize,
+                               time_steps)
 from benchmarks.pyav_baseline import PyAVClips, baseline_loader, normaliser  # noqa: E402
 from config import ConfigError, Config, load_config, parse_views  # noqa: E402
 from dali_pipes.loader import VideoLoader, probe_list  # noqa: E402
@@ -59,8 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DataLoader worker counts of the PyAV baseline (default: all available cores, and 2)")
     parser.add_argument("--batch", type=int, default=None, help="train clips per batch (default train.batch_size)")
     parser.add_argument("--test-batch", type=int, default=None, help="test videos per batch (default test.batch_size)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where batches go and our loader runs; auto: cuda when available")
+    add_device_argument(parser, "where batches go and our loader runs; auto: cuda when available")
     parser.add_argument("--clip-sets", nargs="+", default=None, metavar="DIR",
                         help="existing K400-like sets (folders with train_list.txt) instead of generated ones; a "
                              "repeated list and probe caches are written into them")
@@ -76,11 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.overrides = SMOKE_OVERRIDES + args.overrides
         args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
-        args.num_videos, args.frames = min(args.num_videos, 4), min(args.frames, 64)
         args.batch, args.test_batch = args.batch or 2, args.test_batch or 1
         args.workers = args.workers or [1]
-        args.gops = args.gops or [16]
-        args.data_dir = str(Path(args.data_dir) / "smoke")
+        args.gops = args.gops or [SMOKE_GOP]
+        smoke_clip_set(args)
     return args
 
 
@@ -161,13 +160,8 @@ def run_baseline(cfg: Config, mode: str, decode: str, batch: int, workers: int, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    apply_torch_threads(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: this machine has no CUDA device (use --device cpu or auto)")
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    device = start(args)
+    on_gpu = device.type == "cuda"
     workers = args.workers or sorted({cores_available(), 2}, reverse=True)
     env = environment(device)
     try:

@@ -30,12 +30,11 @@ import types
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (add_common_arguments, apply_torch_threads, cpu_seconds_of_tree, emit,  # noqa: E402
-                               environment, make_record)
+from benchmarks.common import (add_common_arguments, cpu_seconds_of_tree, emit, environment,  # noqa: E402
+                               make_record, start)
 from config import ConfigError, load_config  # noqa: E402
 from dali_pipes.loader import BatchSource, VideoLoader  # noqa: E402
 from dali_pipes.pipelines import DALI_DTYPES, train_pipeline  # noqa: E402
@@ -55,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DALI thread counts to try for the decode and graph stages (default data.num_threads)")
     parser.add_argument("--profile", action="store_true", help="also print the source's top functions (stderr)")
     parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench", help="where --smoke writes its tiny clips")
+    parser.set_defaults(device="cpu")  # no --device: every stage here decodes on the CPU
     args = parser.parse_args(argv)
     if args.smoke:
         args.overrides = ["data.short_side=64", "data.train_crop=56", "data.val_crop=56", "data.test_crop=64",
@@ -118,9 +118,7 @@ def time_pipeline(pipe, warmup: int, steps: int) -> tuple[list[float], float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    apply_torch_threads(args)
+    device = start(args)
     overrides = list(args.overrides)
     if args.smoke and args.list_file is None:
         args.list_file, args.root = smoke_list(args.data_dir)
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = VideoLoader(cfg.data, "train", batch_size=batch, num_classes=cfg.model.num_classes, seed=cfg.train.seed)
     num_batches = len(loader)
     source = BatchSource(loader.spec, 0, 0)
-    env = environment(torch.device("cpu"))
+    env = environment(device)
     common = dict(overrides=args.overrides, batch=batch, smoke=args.smoke, list_file=cfg.data.train_list,
                   clip_shape=[3, cfg.data.clip_len, cfg.data.train_crop, cfg.data.train_crop])
 
@@ -146,13 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     cpu_before, step_ms, batches = cpu_seconds_of_tree(), [], []
     profiler = cProfile.Profile() if args.profile else None
     for info in infos:
-        start = time.perf_counter()
+        step_start = time.perf_counter()
         if profiler is not None:
             profiler.enable()
         batches.append(source(info))
         if profiler is not None:
             profiler.disable()
-        step_ms.append((time.perf_counter() - start) * 1e3)
+        step_ms.append((time.perf_counter() - step_start) * 1e3)
     cpu_s = cpu_seconds_of_tree() - cpu_before
     decoded = [int(frames.max()) + 1 for batch_columns in batches for frames in batch_columns[1]]  # base..last
     stats = dict(frames_decoded_per_clip=round(float(np.mean(decoded)), 1),

@@ -38,8 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (add_common_arguments, apply_torch_threads, emit, environment,  # noqa: E402
-                               make_record, skipped_record, synchronize, time_steps)
+from benchmarks.common import (add_common_arguments, add_device_argument, emit, environment,  # noqa: E402
+                               make_record, skipped_record, start, synchronize, time_steps)
 from config import Config, ConfigError, load_config  # noqa: E402
 from model import build_model  # noqa: E402
 from tools.count_flops import train_flops_per_clip  # noqa: E402
@@ -76,8 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="recipes to measure (clip_len, crop, model and optimiser settings come from each)")
     parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS],
                         default=[v.name for v in VARIANTS], help="what to run")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when available")
+    add_device_argument(parser, "auto: cuda when available")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the square matmul timed as the peak (default 8192 on a GPU, 2048 on a CPU)")
     args = parser.parse_args(argv)
@@ -162,13 +161,8 @@ def run_variant(cfg: Config, variant: Variant, batch: int, device: torch.device,
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    apply_torch_threads(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: this machine has no CUDA device (use --device cpu or auto)")
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+    device = start(args)
+    on_gpu = device.type == "cuda"
     try:
         configs = [(name, load_config(name, args.overrides)) for name in args.configs]
     except ConfigError as e:
