@@ -82,11 +82,14 @@ class BatchSource:
         self.spec = spec
         self.first_epoch = first_epoch
         self.start_batch = start_batch
+        self._shard_epoch, self._shard = None, None  # the epoch's order, drawn once, not once per batch
 
     def __call__(self, batch_info) -> list:
         epoch = self.first_epoch + batch_info.epoch_idx
         batch_index = batch_info.iteration + (self.start_batch if batch_info.epoch_idx == 0 else 0)
-        shard = shard_indices(self.spec, epoch)
+        if self._shard_epoch != epoch:
+            self._shard_epoch, self._shard = epoch, shard_indices(self.spec, epoch)
+        shard = self._shard
         begin = batch_index * self.spec.batch_size
         if begin >= len(shard):
             raise StopIteration
@@ -122,6 +125,14 @@ class BatchSource:
         starts = [np.array(box[:2], np.int32) for box in boxes]
         return (encoded, (frames - base).astype(np.int32), *resize, np.array([s.crop_size] * 2, np.int32),
                 label, video_idx, *starts)
+
+
+def shard_size(spec: SourceSpec) -> int:
+    """How many entries shard_indices gives this shard in any epoch."""
+    count = len(spec.paths)
+    if spec.mode == "train":
+        return math.ceil(count / spec.num_shards)
+    return len(range(spec.shard_id, count, spec.num_shards))
 
 
 def shard_indices(spec: SourceSpec, epoch: int) -> np.ndarray:
@@ -179,7 +190,7 @@ class VideoLoader:
         self._next_dali_epoch = None  # the training epoch the iterator's next DALI epoch stands for
 
     def __len__(self) -> int:
-        return math.ceil(len(shard_indices(self.spec, 0)) / self.batch_size)
+        return math.ceil(shard_size(self.spec) / self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Selects the epoch the next iteration yields; start_batch skips batches an interrupted run completed."""

@@ -274,3 +274,15 @@ def test_an_evaluation_pass_broken_off_does_not_leak_into_the_next(index_list):
     next(iter(loader))
     assert [i for b in loader for i in b.video_idx.tolist()] == list(range(5))
     assert [i for b in loader for i in b.video_idx.tolist()] == list(range(5))  # and again, reusing the pipeline
+
+
+def test_shard_sizes_match_the_shards_for_every_world_size():
+    from dali_pipes.loader import SourceSpec, shard_indices, shard_size
+
+    for mode in ("train", "val"):
+        for count in (1, 5, 9, 10):
+            for shards in (1, 2, 3, 4):
+                for shard in range(shards):
+                    spec = SourceSpec(mode, tuple(map(str, range(count))), (0,) * count, (1,) * count,
+                                      (None,) * count, 1, 1, 1, 1, 1, 1, 0, 2, shard, shards)
+                    assert shard_size(spec) == len(shard_indices(spec, 3)), (mode, count, shards, shard)
