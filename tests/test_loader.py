@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from config import DataConfig
-from dali_helpers import CpuDecoder
+from media_helpers import CpuDecoder
 from dali_pipes import geometry
 from dali_pipes.loader import LoaderError, VideoLoader
 from dali_pipes.geometry import MEAN_RGB, STD_RGB

@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from config import DataConfig
 from dali_pipes.loader import VideoLoader
 from dali_pipes.probe import probe_video
+from media_helpers import write_audio_only
 from tools.make_synthetic import k400like_frames, write_video
 from tools.prepare_kinetics import main as prepare
 
@@ -24,16 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_clip(path: Path, codec: str = "vp9", frames: int = 24, seed: int = 0) -> Path:
     return write_video(path, k400like_frames(np.random.default_rng(seed), frames, 48, 64), codec=codec, gop=8)
-
-
-def make_audio_only(path: Path) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,7 @@ def kinetics_tree(tmp_path_factory) -> Path:
     make_clip(root / "videos_train" / "abseiling" / "h264.mp4", codec="h264")
     (root / "videos_train" / "zumba" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really" * 40)
     (root / "videos_train" / "zumba" / "empty.mp4").write_bytes(b"")
-    make_audio_only(root / "videos_val" / "zumba" / "sound.mp4")
+    write_audio_only(root / "videos_val" / "zumba" / "sound.mp4")
     return root
 
 

@@ -4,10 +4,10 @@ import json
 import os
 
 import av
-import numpy as np
 import pytest
 
 from dali_pipes.probe import ProbeError, clean_keyframes, probe_video, probe_videos
+from media_helpers import write_audio_only
 
 
 def decoded_frame_count(path):
@@ -52,13 +52,7 @@ def test_unusable_files_raise_with_a_reason(tmp_path):
     (tmp_path / "text.mp4").write_text("not a video at all\n" * 50)
     with pytest.raises(ProbeError, match="cannot be read"):
         probe_video(tmp_path / "text.mp4")
-    audio = tmp_path / "audio.mp4"
-    with av.open(str(audio), "w") as container:
-        stream = container.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    audio = write_audio_only(tmp_path / "audio.mp4")
     with pytest.raises(ProbeError, match=r"no video stream \(audio only\?\)"):
         probe_video(audio)
 

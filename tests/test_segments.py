@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from dali_helpers import CpuDecoder
+from media_helpers import CpuDecoder
 from dali_pipes.probe import probe_video
 from dali_pipes.segments import read_segment, segment_bounds
 from tools.make_synthetic import k400like_frames, read_index, write_video

@@ -1,7 +1,10 @@
-"""Small real DALI pipelines the tests use to look at decoded frames directly."""
+"""Real media helpers for the tests: a bare DALI decoder to look at decoded frames, an audio-only file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import av
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
@@ -25,3 +28,14 @@ class CpuDecoder:
         self.pipe.feed_input("frames", [np.asarray(frames, dtype=np.int32)])
         (out,) = self.pipe.run()
         return np.array(out[0])
+
+
+def write_audio_only(path: Path) -> Path:
+    """An MP4 with one AAC audio stream and no video stream."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
