@@ -195,6 +195,7 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, optimizer: torch.op
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # the step kernel is today's train.fused_optimizer, not the saved one
         group.update(kernels)
+    match_parameter_layouts(optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -213,6 +214,21 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, optimizer: torch.op
                     path, len(rng), world_size)
         rng = None
     return progress, rng
+
+
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Gives each per-parameter state tensor (momentum buffer, …) its parameter's strides, in place.
+
+    load_state_dict keeps the saved layout: a checkpoint of a contiguous model (a CPU run, or
+    train.channels_last=false) resumed into a channels_last_3d one would pair contiguous buffers with
+    channels-last parameters. The fused SGD step walks both as flat memory, so on a CPU it adds each momentum
+    element to the wrong weight element, silently, and on CUDA it stops on the mismatched strides.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def config_differences(saved: dict[str, Any], current: Config) -> list[str]:
