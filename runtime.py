@@ -14,6 +14,7 @@ import os
 import platform
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from config import Config, ConfigError
-from dali_pipes.lists import ListError
-from dali_pipes.loader import LoaderError, VideoLoader, probe_list
+from dali_pipes.lists import ListError, read_video_list
+from dali_pipes.loader import LoaderError, VideoLoader, probe_cache_file
+from dali_pipes.probe import probe_videos
 from model import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,13 @@ log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 WORK_DIRS = Path("work_dirs")
 SAVED_CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its work dir
+DIST_TIMEOUT_ENV = "R2P1D_DIST_TIMEOUT_S"  # collective timeout of the process group, s (unset: torch's default)
+# How long the other processes wait for the first process of each machine to probe a list. A cold probe of
+# Kinetics-400's 240k training videos took 12 minutes on 2 cores (24,000 videos in 74 s), longer than NCCL's
+# 10-minute collective timeout; a dead prober ends the wait at once (torchrun stops the job, gloo sees the
+# closed connection), so this bound only matters for a prober stuck on a hung file system.
+PROBE_WAIT_TIMEOUT = datetime.timedelta(hours=24)
+PROBE_LOG_INTERVAL_S = 30.0  # rank 0 logs the probe's progress this often
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,27 @@ def init_distributed() -> DistContext:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        timeout = _dist_timeout()
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return DistContext(rank, world_size, local_rank, device)
+
+
+def _dist_timeout() -> datetime.timedelta | None:
+    """R2P1D_DIST_TIMEOUT_S as a timedelta; None (torch's default: 10 min NCCL, 30 min gloo) when unset."""
+    value = os.environ.get(DIST_TIMEOUT_ENV, "")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 1e9:  # also refuses nan and inf
+        raise ConfigError(f"{DIST_TIMEOUT_ENV}={value!r}: expected a number of seconds > 0, or unset it for "
+                          f"torch's default")
+    return datetime.timedelta(seconds=seconds)
 
 
 def teardown_distributed() -> None:
@@ -163,6 +188,32 @@ def default_work_dir(config_path: str | Path) -> Path:
     return WORK_DIRS / config_path.stem
 
 
+class ProbeProgress:
+    """probe_videos' progress callback: '<list>: probed N/M videos (r/s, eta h:mm:ss)' every interval_s and at
+    the end (plain lines, no bar: several processes share the terminal under torchrun)."""
+
+    def __init__(self, name: str, interval_s: float = PROBE_LOG_INTERVAL_S):
+        self.name, self.interval_s = name, interval_s
+        self.start = self.last_log = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last_log < self.interval_s:
+            return
+        self.last_log = now
+        per_s = done / max(now - self.start, 1e-9)
+        log.info("%s: probed %d/%d videos (%.0f/s, eta %s)", self.name, done, total, per_s,
+                 format_duration((total - done) / per_s))
+
+
+def probe_with_progress(list_file: str, root: str, num_classes: int, num_workers: int,
+                        interval_s: float = PROBE_LOG_INTERVAL_S) -> None:
+    """Probes the videos of a list into its cache (`<list>.probe.json`), logging the progress of a long probe."""
+    records = read_video_list(list_file, root, num_classes)
+    probe_videos([r.path for r in records], cache_file=probe_cache_file(list_file), num_workers=num_workers,
+                 progress=ProbeProgress(Path(list_file).name, interval_s))
+
+
 def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int,
                        views: tuple[int, int] = (1, 1), dtype: torch.dtype | None = None,
                        channels_last: bool = False) -> VideoLoader:
@@ -171,12 +222,25 @@ def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int
     The first process of each machine probes the list's videos first, so the others read its cache instead of
     probing every video once per process.
     """
+    probe_group = None
     if ctx.distributed:
+        # The others wait for the probe in a gloo group of their own whose timeout covers it (PROBE_WAIT_TIMEOUT)
+        # rather than in the default group, whose timeout (NCCL: 10 min) should stay short to catch a hung step.
+        # A barrier in a group, unlike a wait on a file, also holds the other machines until every first
+        # process of a machine is done.
+        probe_group = dist.new_group(backend="gloo", timeout=PROBE_WAIT_TIMEOUT)
+    try:
         if ctx.local_rank == 0:
             list_file = {"train": cfg.data.train_list, "val": cfg.data.val_list, "test": cfg.data.test_list}[mode]
             root = {"train": cfg.data.root, "val": cfg.data.val_root, "test": cfg.data.test_root}[mode]
-            probe_list(list_file, root or cfg.data.root, cfg.model.num_classes, max(cfg.data.num_threads, 4))
-        barrier()
+            if list_file:  # VideoLoader reports a missing list
+                probe_with_progress(list_file, root or cfg.data.root, cfg.model.num_classes,
+                                    max(cfg.data.num_threads, 4))
+        if probe_group is not None:
+            dist.barrier(group=probe_group)
+    finally:
+        if probe_group is not None:
+            dist.destroy_process_group(probe_group)
     return VideoLoader(cfg.data, mode, batch_size, cfg.model.num_classes, shard_id=ctx.rank,
                        num_shards=ctx.world_size, device_id=ctx.cuda_index, seed=cfg.train.seed, views=views,
                        dtype=dtype or torch.float32, channels_last=channels_last)
