@@ -1,8 +1,9 @@
 """What train.py and evaluate.py share at run time: processes, logging, metric reduction, seeds, loaders.
 
 Both scripts run as one plain process (`python train.py ...`) or under torchrun, which sets RANK, WORLD_SIZE and
-LOCAL_RANK; `init_distributed` reads those and joins the process group (NCCL on GPUs, gloo on CPUs). Every
-helper here also works without a process group, as the single-process case of the same code.
+LOCAL_RANK; `init_distributed` reads those and joins the process group (NCCL on GPUs, gloo on CPUs), with the
+collective timeout R2P1D_DIST_TIMEOUT_S (seconds) when that is set. Every helper here also works without a
+process group, as the single-process case of the same code.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int
                        channels_last: bool = False) -> VideoLoader:
     """The DALI VideoLoader of this process's shard for mode train, val or test.
 
-    The first process of each machine probes the list's videos first, so the others read its cache instead of
-    probing every video once per process.
+    The first process of each machine probes the list's videos first (rank 0 logging its progress), so the
+    others read its cache instead of probing every video once per process.
     """
     probe_group = None
     if ctx.distributed:
