@@ -37,12 +37,12 @@ class DataConfig:
     train_list: str = ""  # training list: '<video path> <label>' per line
     val_list: str = ""  # list for per-epoch validation (1 clip x 1 centre crop)
     test_list: str = ""  # list for evaluate.py (test.views per video)
-    class_names: str = ""  # optional file with one class name per line, in label order
+    class_names: str = ""  # optional class-name file in label order (lines ending in a number: 'name index')
     clip_len: int = 8  # frames per clip (MMAction2 SampleFrames clip_len)
     frame_interval: int = 8  # temporal stride between sampled frames, in frames
     num_clips: int = 1  # clips per video per training sample
     short_side: int = 256  # frames are resized so their short side has this many pixels
-    train_crop: int = 224  # RandomResizedCrop output side, in pixels
+    train_crop: int = 224  # RandomResizedCrop output side, in pixels; may exceed short_side (the box is upscaled)
     val_crop: int = 224  # CenterCrop side used for validation, in pixels
     test_crop: int = 256  # ThreeCrop / CenterCrop side used by evaluate.py, in pixels
     decode_device: str = "auto"  # where video is decoded: auto (gpu when CUDA is there), gpu (NVDEC), cpu
@@ -176,9 +176,12 @@ def check_config(cfg: Config) -> None:
         if get_value(cfg, key) not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {get_value(cfg, key)!r}")
     parse_views(cfg.test.views)
-    for key in ("data.train_crop", "data.val_crop", "data.test_crop"):
+    # Only the fixed crops must fit in the short-side-resized frame. RandomResizedCrop (data.train_crop) picks its
+    # box inside the frame and resizes the box to train_crop, so train_crop > short_side upscales, as in MMAction2.
+    for key in ("data.val_crop", "data.test_crop"):
         if get_value(cfg, key) > cfg.data.short_side:
-            raise ConfigError(f"{key}: crop {get_value(cfg, key)} is larger than data.short_side {cfg.data.short_side}")
+            raise ConfigError(f"{key}: crop {get_value(cfg, key)} is larger than data.short_side "
+                              f"{cfg.data.short_side}; a fixed crop must fit in the resized frame")
 
 
 def get_value(cfg: Config, key: str) -> Any:

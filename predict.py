@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="checkpoint file, ours or MMAction2's (default: best of the work dir)")
     parser.add_argument("--work-dir", help="run folder whose config.yaml and best checkpoint to use "
                                            "(default: the newest run in work_dirs/)")
-    parser.add_argument("--class-names", help="class names in label order (default: data.class_names)")
+    parser.add_argument("--class-names", help="class names in label order: one per line, 'name index' lines or "
+                                              "JSON; lines that all end in a number are read as 'name index', "
+                                              "so use JSON for names ending in digits (default: data.class_names)")
     parser.add_argument("--views", help="clips x crops per video, e.g. 10x3 (default: test.views)")
     parser.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto",
                         help="auto: DALI where it can decode the codec on this machine, else PyAV")
