@@ -84,6 +84,7 @@ class TestConfig:
     views: str = "10x3"  # clips x crops per video, e.g. 10x3 or 1x1
     batch_size: int = 1  # whole videos per batch (each expands to clips x crops views)
     amp: str = "bf16"  # autocast dtype for inference on a GPU: bf16, fp16 or none (fp32, as MMAction2 tests)
+    log_interval: int = 0  # batches between progress lines of evaluate.py; 0: a line about every 10 s
 
 
 @dataclass
@@ -164,7 +165,7 @@ def check_config(cfg: Config) -> None:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
     non_negative = ["data.source_workers", "train.lr", "train.momentum", "train.weight_decay", "train.clip_grad",
-                    "train.checkpoint_interval", "train.checkpoint_every_iters"]
+                    "train.checkpoint_interval", "train.checkpoint_every_iters", "test.log_interval"]
     for key in non_negative:
         if get_value(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_value(cfg, key)}")
