@@ -132,6 +132,12 @@ class DaliViews:
             yield loader.records[int(batch.video_idx[0])].path, batch.clips
 
 
+def dali_views(path: str, data: DataConfig, views: tuple[int, int], num_classes: int, device: torch.device,
+               work: Path, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+    """(V, 3, T, H, W) test views of one video through the DALI test pipeline of evaluate.py, decoded once."""
+    return DaliViews([path], data, views, num_classes, device, work, dtype, channels_last).next_views(path)
+
+
 def progress_bar(total: int) -> tqdm:
     """A bar on stderr when there are more than a handful of videos (results stay alone on stdout)."""
     return tqdm(total=total, unit="video", file=sys.stderr, dynamic_ncols=True,
