@@ -10,6 +10,7 @@ import collections
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,6 +21,7 @@ import predict
 from config import ConfigError
 from dali_pipes.probe import probe_video
 from model import build_model
+from tools.make_synthetic import k400like_frames, write_video
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,3 +116,20 @@ def test_more_than_a_handful_of_videos_get_a_progress_bar(videos, run_files, cap
     lines, err = run_predict(run_files, many, capsys, "--views", "1x1")
     assert len(lines) == len(many)
     assert f"{len(many)}/{len(many)}" in err  # the bar's last state; stdout holds only the JSON lines
+
+
+def test_a_video_dali_fails_on_is_reported_and_the_next_ones_still_predicted(run_files, tmp_path, capsys):
+    good = write_video(tmp_path / "good.webm", k400like_frames(np.random.default_rng(0), 60, 48, 64), gop=16)
+    other = write_video(tmp_path / "other.webm", k400like_frames(np.random.default_rng(1), 60, 48, 64), gop=16)
+    data = bytearray(good.read_bytes())
+    for position in range(len(data) // 3, 2 * len(data) // 3, 97):
+        data[position] ^= 0xFF  # packets still demux (the probe passes); their payload no longer decodes
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as stop:
+        run_predict(run_files, [good, bad, other], capsys)
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    (error,) = out.err.splitlines()
+    assert error.startswith(f"error: {bad}: decoding fails after ")
+    assert [json.loads(line)["video"] for line in out.out.splitlines()] == [str(good), str(other)]
