@@ -37,12 +37,12 @@ class DataConfig:
     train_list: str = ""  # training list: '<video path> <label>' per line
     val_list: str = ""  # list for per-epoch validation (1 clip x 1 centre crop)
     test_list: str = ""  # list for evaluate.py (test.views per video)
-    class_names: str = ""  # optional file with one class name per line, in label order
+    class_names: str = ""  # optional class-name file in label order (lines ending in a number: 'name index')
     clip_len: int = 8  # frames per clip (MMAction2 SampleFrames clip_len)
     frame_interval: int = 8  # temporal stride between sampled frames, in frames
     num_clips: int = 1  # clips per video per training sample
     short_side: int = 256  # frames are resized so their short side has this many pixels
-    train_crop: int = 224  # RandomResizedCrop output side, in pixels
+    train_crop: int = 224  # RandomResizedCrop output side, in pixels; may exceed short_side (the box is upscaled)
     val_crop: int = 224  # CenterCrop side used for validation, in pixels
     test_crop: int = 256  # ThreeCrop / CenterCrop side used by evaluate.py, in pixels
     decode_device: str = "auto"  # where video is decoded: auto (gpu when CUDA is there), gpu (NVDEC), cpu
@@ -84,6 +84,7 @@ class TestConfig:
     views: str = "10x3"  # clips x crops per video, e.g. 10x3 or 1x1
     batch_size: int = 1  # whole videos per batch (each expands to clips x crops views)
     amp: str = "bf16"  # autocast dtype for inference on a GPU: bf16, fp16 or none (fp32, as MMAction2 tests)
+    log_interval: int = 0  # batches between progress lines of evaluate.py; 0: a line about every 10 s
 
 
 @dataclass
@@ -164,7 +165,7 @@ def check_config(cfg: Config) -> None:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
     non_negative = ["data.source_workers", "train.lr", "train.momentum", "train.weight_decay", "train.clip_grad",
-                    "train.checkpoint_interval", "train.checkpoint_every_iters"]
+                    "train.checkpoint_interval", "train.checkpoint_every_iters", "test.log_interval"]
     for key in non_negative:
         if get_value(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_value(cfg, key)}")
@@ -176,9 +177,12 @@ def check_config(cfg: Config) -> None:
         if get_value(cfg, key) not in allowed:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, got {get_value(cfg, key)!r}")
     parse_views(cfg.test.views)
-    for key in ("data.train_crop", "data.val_crop", "data.test_crop"):
+    # Only the fixed crops must fit in the short-side-resized frame. RandomResizedCrop (data.train_crop) picks its
+    # box inside the frame and resizes the box to train_crop, so train_crop > short_side upscales, as in MMAction2.
+    for key in ("data.val_crop", "data.test_crop"):
         if get_value(cfg, key) > cfg.data.short_side:
-            raise ConfigError(f"{key}: crop {get_value(cfg, key)} is larger than data.short_side {cfg.data.short_side}")
+            raise ConfigError(f"{key}: crop {get_value(cfg, key)} is larger than data.short_side "
+                              f"{cfg.data.short_side}; a fixed crop must fit in the resized frame")
 
 
 def get_value(cfg: Config, key: str) -> Any:

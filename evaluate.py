@@ -8,7 +8,8 @@
 
 Each video of data.test_list is scored on exactly one process: a softmax per view, then the mean over its
 views (reference §5.2). Prints top-1, top-5 and mean class accuracy (§5.3; fractions as MMAction2's acc/top1),
-the videos scored and skipped, and videos/s. `--dump` writes one record per video in list order with
+the videos scored and skipped, and videos/s; while it runs, rank 0 logs its progress every test.log_interval
+batches (ProgressLog). `--dump` writes one record per video in list order with
 MMAction2's fields (§5.4) plus the video path. On a GPU inference runs under autocast (test.amp) in
 channels_last_3d with every BatchNorm folded into the conv before it. train.py validates with `evaluate()`.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -33,10 +35,11 @@ from config import (Config, ConfigError, add_config_arguments, config_from_dict,
 from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from model.r2plus1d import ConvModule
 from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, build_video_loader,
-                     configure_determinism, default_work_dir, environment_info, gather_objects,
+                     configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
                      is_main_process, log_skipped_videos, run_command, setup_logging)
 
 log = logging.getLogger("evaluate")
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines when test.log_interval is 0
 
 
 @dataclass
@@ -83,18 +86,55 @@ def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
             "mean_class_acc": mean_class_accuracy(top[:, 0], labels)}
 
 
+class ProgressLog:
+    """Rank 0's progress lines while it scores its share of the videos: one every `log_interval` batches (0: about
+    every PROGRESS_EVERY_S seconds) and after its last batch. Plain log lines, never a bar: under torchrun several
+    processes share the terminal. The counts are rank 0's own (its share of the videos, its running top-1); the
+    total over all processes is given beside them, never estimated from one rank."""
+
+    def __init__(self, num_records: int, rank: int, world_size: int, num_batches: int, log_interval: int):
+        self.share = len(range(rank, num_records, world_size))  # eval loaders give video i to process i % world
+        self.num_records, self.world_size = num_records, world_size
+        self.num_batches, self.log_interval = num_batches, log_interval
+        self.enabled = rank == 0
+        self.videos = self.batches = 0
+        self.hits: torch.Tensor | int = 0  # on the model's device: read (a sync) only when a line is due
+        self.start = self.last = time.perf_counter()
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """After one batch: (B, C) view-averaged scores and (B,) labels."""
+        if not self.enabled:
+            return
+        self.batches += 1
+        self.videos += labels.numel()
+        self.hits = self.hits + (scores.argmax(dim=1) == labels.to(scores.device, non_blocking=True)).sum()
+        now = time.perf_counter()
+        due = self.batches % self.log_interval == 0 if self.log_interval else now - self.last >= PROGRESS_EVERY_S
+        if not (due or self.batches == self.num_batches):
+            return
+        self.last = now
+        rate = self.videos / max(now - self.start, 1e-9)
+        remaining = max(self.share - self.videos, 0) / max(rate, 1e-9)
+        where = f", {self.num_records} in all on {self.world_size} processes" if self.world_size > 1 else ""
+        log.info("evaluate [%d/%d videos%s] %.1f videos/s eta %s top1 %.4f", self.videos, self.share, where, rate,
+                 format_duration(remaining), int(self.hits) / max(self.videos, 1))
+
+
 def evaluate(model: nn.Module, loader, num_clips: int, num_crops: int, *,
-             autocast_dtype: torch.dtype | None = None) -> EvalResult:
+             autocast_dtype: torch.dtype | None = None, log_interval: int = 0) -> EvalResult:
     """Scores this process's videos of `loader`, gathers every process's, and computes the metrics.
 
     `loader` yields objects with .clips (B*V, 3, T, H, W), V = num_clips x num_crops views grouped per video,
-    .labels (B,) and .video_idx (B,) (index into loader.records), and has .records and .skipped. No collective
-    runs per batch, so processes may have different numbers of batches; all of them return the same result.
+    .labels (B,) and .video_idx (B,) (index into loader.records), and has .records, .skipped and a length in
+    batches. No collective runs per batch, so processes may have different numbers of batches; all of them return
+    the same result. Rank 0 logs its progress every `log_interval` batches (0: about every 10 s; see ProgressLog).
     """
     num_views = num_clips * num_crops
     device = next(model.parameters()).device
     model.eval()
     start = time.perf_counter()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    progress = ProgressLog(len(loader.records), rank, world_size, len(loader), log_interval)
     idx_parts, score_parts, label_parts = [], [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
                                                 enabled=autocast_dtype is not None):
@@ -106,6 +146,7 @@ def evaluate(model: nn.Module, loader, num_clips: int, num_crops: int, *,
             score_parts.append(average_views(model(clips), num_views))
             idx_parts.append(batch.video_idx)
             label_parts.append(batch.labels)
+            progress.update(score_parts[-1], batch.labels)
     local = (torch.cat(idx_parts).cpu(), torch.cat(score_parts).cpu(), torch.cat(label_parts).cpu()) \
         if idx_parts else None
     shards = [shard for shard in gather_objects(local) if shard is not None]
@@ -252,7 +293,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> EvalResult:
              len(loader.records), cfg.data.test_list, cfg.test.views, num_clips, num_crops, cfg.data.test_crop,
              ctx.world_size)
     log_skipped_videos(loader.skipped, cfg.data.test_list)
-    result = evaluate(model, loader, num_clips, num_crops, autocast_dtype=autocast_dtype)
+    result = evaluate(model, loader, num_clips, num_crops, autocast_dtype=autocast_dtype,
+                      log_interval=cfg.test.log_interval)
     log.info("top1 %.4f top5 %.4f mean_class_acc %.4f | %d videos scored, %d skipped | %.1f videos/s",
              result.top1, result.top5, result.mean_class_acc, result.num_videos, result.num_skipped,
              result.videos_per_s)

@@ -7,6 +7,10 @@ Two list formats are read, one video per line (blank lines and lines starting wi
   .mkv or .avi (the first that exists), as MMAction2 appends '.mp4'.
 Paths are relative to `root` (absolute paths are kept). A malformed line or a label outside [0, num_classes)
 stops with `file:line: what is wrong`.
+
+Class-name files (read_class_names): one name per line in label order, `name,index` / `name index` lines, or JSON.
+The indexed form is chosen when every line ends in a number, so a plain file of names that all end in digits is
+misread; use JSON for those.
 """
 
 from __future__ import annotations
@@ -93,7 +97,12 @@ def _resolve(root: Path, name: str) -> Path:
 
 
 def read_class_names(path: str | Path, num_classes: int | None = None) -> list[str]:
-    """Class names in label order, from one name per line, `name,index` / `name index` lines, or a JSON map."""
+    """Class names in label order, from one name per line, `name,index` / `name index` lines, or a JSON map.
+
+    A text file whose every line ends in a number (after a comma or a space) is read as `name index` lines, so
+    names that end in digits (`hidden class 007`) are taken for indices: write such names as JSON (a list in
+    label order) or make one of them not end in a number.
+    """
     path = Path(path)
     try:
         text = path.read_text()

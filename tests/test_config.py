@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from config import ConfigError, all_keys, config_from_dict, config_to_dict, load_config, parse_views, save_config
 
@@ -49,7 +50,8 @@ def test_defaults_alone_are_a_valid_config():
     ("model.depth=50", "model.depth: must be one of 18, 34"),
     ("test.views=10x2", "test.views: expected '<clips>x<crops>' with crops 1 or 3"),
     ("data.frame_interval=0", "data.frame_interval: must be positive"),
-    ("data.train_crop=300", "data.train_crop: crop 300 is larger than data.short_side 256"),
+    ("data.val_crop=300", "data.val_crop: crop 300 is larger than data.short_side 256"),
+    ("data.test_crop=257", "data.test_crop: crop 257 is larger than data.short_side 256"),
 ])
 def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(ConfigError) as info:
@@ -104,3 +106,22 @@ def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key in all_keys() if f"`{key}`" not in readme]
     assert not missing, f"README.md's key table lacks {missing}"
+
+
+def test_train_crop_may_exceed_the_short_side_but_fixed_crops_must_fit():
+    cfg = load_config("k400_8x8x1.yaml", ["data.train_crop=320"])  # RandomResizedCrop upscales its box
+    assert (cfg.data.train_crop, cfg.data.short_side) == (320, 256)
+    with pytest.raises(ConfigError, match="data.val_crop: crop 320 is larger than data.short_side 256"):
+        load_config("k400_8x8x1.yaml", ["data.train_crop=320", "data.val_crop=320"])
+
+
+def test_a_train_crop_larger_than_the_short_side_gives_batches_of_the_crop_size(motion_set):
+    from dali_pipes.loader import VideoLoader
+
+    cfg = load_config("demo.yaml", [f"data.root={motion_set}", f"data.train_list={motion_set / 'train_list.txt'}",
+                                    "data.short_side=32", "data.train_crop=48", "data.val_crop=32",
+                                    "data.test_crop=32", "data.num_threads=1", "data.decode_device=cpu"])
+    loader = VideoLoader(cfg.data, "train", batch_size=2, num_classes=cfg.model.num_classes, seed=0)
+    batch = next(iter(loader))
+    assert batch.clips.shape == (2, 3, cfg.data.clip_len, 48, 48)
+    assert torch.isfinite(batch.clips).all()

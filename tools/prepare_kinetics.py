@@ -26,12 +26,12 @@ import argparse
 import csv
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -138,38 +138,21 @@ def reencode_split(split_dir: Path, clips: list[Clip], out_dir: Path, args) -> t
             jobs.append((str(split_dir / clip.relative), str(target), args.short_side, args.gop, args.codec))
     print(f"re-encoding {len(jobs)} clips into {out_dir} ({done} already done)", file=sys.stderr)
     failures = {}
-    bar = ProgressBar(f"re-encode {out_dir.name}", len(jobs))
-    with ProcessPoolExecutor(args.workers) as pool:
+    with ProcessPoolExecutor(args.workers) as pool, progress_bar(f"re-encode {out_dir.name}", len(jobs), "clip") as bar:
         for future in as_completed([pool.submit(reencode_video, job) for job in jobs]):
             source, error = future.result()
             if error is not None:
                 failures[source] = error
             bar.update()
-    bar.close()
     kept = [c for c, orig in zip(new_clips, clips) if str(split_dir / orig.relative) not in failures]
     return kept, sorted((Path(source).relative_to(split_dir).as_posix(), error) for source, error in failures.items())
 
 
-class ProgressBar:
-    """A one-line text progress bar on stderr (a single-process tool: no tqdm dependency)."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done, self.start = label, total, 0, time.monotonic()
-        self.interactive = sys.stderr.isatty()
-
-    def update(self, done: int | None = None, total: int | None = None) -> None:
-        self.done = self.done + 1 if done is None else done
-        self.total = total or self.total
-        if self.interactive or self.done == self.total:
-            width = 30
-            filled = width * self.done // max(self.total, 1)
-            rate = self.done / max(time.monotonic() - self.start, 1e-9)
-            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                  f"{rate:.1f}/s", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.total:
-            print(file=sys.stderr)
+def progress_bar(label: str, total: int, unit: str) -> tqdm:
+    """A tqdm bar on stderr (a single-process tool may show one). Redrawn 10 times a second on a terminal; in a log
+    file (stderr not a terminal) a line a minute and the final one, so a long run's log stays short."""
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=total == 0,
+                mininterval=0.1 if sys.stderr.isatty() else 60.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,9 +208,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, folder in splits.items():
         list_file = out / LIST_NAMES[name]
         paths = [str(folder / clip.relative) for clip in found[name]]
-        bar = ProgressBar(f"probe {name}", len(paths))
-        _, failures = probe_videos(paths, f"{list_file}.probe.json", args.workers, progress=bar.update)
-        bar.close()
+        bars = []  # made on the first call: probe_videos reports only the videos not in its cache
+
+        def show(done: int, total: int) -> None:
+            if not bars:
+                bars.append(progress_bar(f"probe {name}", total, "video"))
+            bars[0].update(done - bars[0].n)
+
+        _, failures = probe_videos(paths, f"{list_file}.probe.json", args.workers, progress=show)
+        for bar in bars:
+            bar.close()
         problems[name] += [(Path(p).relative_to(folder).as_posix(), reason) for p, reason in failures.items()]
         kept = [clip for clip, path in zip(found[name], paths) if path not in failures]
         list_file.write_text("".join(f"{clip.relative} {index[clip.class_name]}\n" for clip in kept))
