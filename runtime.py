@@ -38,8 +38,8 @@ WORK_DIRS = Path("work_dirs")
 SAVED_CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its work dir
 DIST_TIMEOUT_ENV = "R2P1D_DIST_TIMEOUT_S"  # collective timeout of the process group, s (unset: torch's default)
 # How long the other processes wait for the first process of each machine to probe a list. A cold probe of
-# Kinetics-400's 240k training videos took 12 minutes on 2 cores (24,000 videos in 74 s), longer than NCCL's
-# 10-minute collective timeout; a dead prober ends the wait at once (torchrun stops the job, gloo sees the
+# Kinetics-400's ~240k training videos demuxes every packet of every file and can outlast NCCL's 10-minute
+# collective timeout; a dead prober ends the wait at once (torchrun stops the job, gloo sees the
 # closed connection), so this bound only matters for a prober stuck on a hung file system.
 PROBE_WAIT_TIMEOUT = datetime.timedelta(hours=24)
 PROBE_LOG_INTERVAL_S = 30.0  # rank 0 logs the probe's progress this often
