@@ -30,7 +30,7 @@ record `skipped` with the reason (their CPU stand-ins still run, at toy size, so
 Needs only what the GPU machine has: Python, a CUDA torch (2.11 or later), numpy, pyyaml, and DALI and PyAV on
 PYTHONPATH; nothing is installed. Clips are made in a temporary folder (removed at the end unless --keep-clips)
 with PyAV's libx264 and libvpx-vp9 in parallel processes: 2 sets of 32 clips take about 140 CPU s (measured on
-the 2-core dev machine: 2.1 CPU s per 300-frame clip), under 15 s on 16 cores. Subprocesses get PYTHONPATH =
+the 2-core dev machine: 2.1 CPU s per 300-frame clip), so about 10 s on 16 cores. Subprocesses get PYTHONPATH =
 the repository root + the inherited PYTHONPATH.
 """
 
@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -648,7 +649,11 @@ def run_suite(args: argparse.Namespace) -> int:
             else:
                 print(f"gpu_suite: step {index + 1} {step.name}, {budget_s:.0f} s", file=sys.stderr, flush=True)
                 with open(log_path, "a") as log:
-                    status, message = STEP_FUNCTIONS[step.name](suite, budget_s, log)
+                    try:
+                        status, message = STEP_FUNCTIONS[step.name](suite, budget_s, log)
+                    except Exception as e:  # a bug in the suite's own step code: record it, go on with the next
+                        traceback.print_exc(file=log)
+                        status, message = "failed", f"gpu_suite.py error in step {step.name}: {_one_line(e)}"
                 if status == "ok" and step.needs_cuda and not suite.cuda:
                     status, message = "skipped", f"no CUDA: {step.needs_cuda}; its CPU stand-ins ran and passed"
                 record.update(status=status, **({"reason": message} if status == "skipped" else
@@ -813,11 +818,14 @@ def inner_decode(args: argparse.Namespace) -> None:
             continue
         gpu_indices = _indices(on_gpu[0], read_index)
         diff = float(max(np.abs(g - c).max() for g, c in zip(on_gpu, reference)))
-        ok = gpu_indices == indices and diff <= 1.0 + 1e-3
+        # Test mode resizes once; train resizes twice, rounding to uint8 between, so one level may become two.
+        limit = 1 if mode == "test" else 2
+        ok = gpu_indices == indices and diff <= limit + 1e-3
         emit({"check": f"loader_{mode}_gpu_vs_cpu", "gpu": True, "status": "ok" if ok else "failed",
-              "max_abs_diff_grey_levels": round(diff, 3), "indices_gpu": gpu_indices, "indices_cpu": indices,
-              **({} if ok else {"error": f"GPU vs CPU: max difference {diff:.2f} grey levels (limit 1), frames "
-                                         f"{gpu_indices} vs {indices}"})})
+              "max_abs_diff_grey_levels": round(diff, 3), "limit_grey_levels": limit, "indices_gpu": gpu_indices,
+              "indices_cpu": indices,
+              **({} if ok else {"error": f"GPU vs CPU: max difference {diff:.2f} grey levels (limit {limit}), "
+                                         f"frames {gpu_indices} vs {indices}"})})
 
 
 def _one_line(error: BaseException) -> str:

@@ -27,6 +27,7 @@ from tools.make_synthetic import index_frames, k400like_frames, read_index, writ
 
 DEVICE_ID = 0  # the GPU the `gpu` tests run on
 GREY_LEVEL = 1.01  # GPU and CPU resizes may round a value differently by one level
+TWO_GREY_LEVELS = 2.01  # train resizes twice, rounding to uint8 between: one level of difference may become two
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +92,7 @@ def test_train_augmentation_on_the_gpu_matches_the_cpu_pipeline(gpu_clips, tmp_p
     for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
         assert gpu.clips.is_cuda and gpu.video_idx.tolist() == cpu.video_idx.tolist()
         got, expected = to_uint8_frames(gpu.clips.cpu()), to_uint8_frames(cpu.clips)
-        assert np.abs(got - expected).max() <= GREY_LEVEL
+        assert np.abs(got - expected).max() <= TWO_GREY_LEVELS
         indices = frame_indices(gpu.clips.cpu())
         for row, index in enumerate(gpu.video_idx.tolist()):
             rng = sample_rng(9, 0, index, 1)
