@@ -4,6 +4,7 @@ The loops get an in-memory loader of real tensors (tests/memory_loader.py); the 
 are in the end-to-end tests.
 """
 
+import inspect
 import json
 import logging
 import math
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoints import Progress, find_best_checkpoint, training_checkpoint
@@ -115,6 +118,67 @@ def test_views_of_a_video_share_its_label_in_the_loss():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = train_one_epoch(model, loader, optimizer, epoch=0, epochs=1, num_batches=1, device=CPU.device)
     assert stats.loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_gradient_above_clip_grad_is_scaled_down_to_it_before_the_step():
+    cfg = tiny_config("model.dropout=0.0")
+    loader = MemoryLoader(4, 4, batch_size=4)
+    steps, grad_norms, logged = {}, {}, {}
+    for clip_grad in (0.0, 0.05):  # 0: no clipping
+        seed_everything(0)
+        model = prepare_model(cfg, CPU)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # no momentum, no decay: the step is the gradient
+        stats = train_one_epoch(model, loader, optimizer, epoch=0, epochs=1, num_batches=1, device=CPU.device,
+                                clip_grad=clip_grad)
+        steps[clip_grad] = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
+        grad_norms[clip_grad] = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item()
+        logged[clip_grad] = stats.grad_norm
+    raw = grad_norms[0.0]
+    assert raw > 0.5, "the batch's gradient must exceed clip_grad for the test to see clipping"
+    assert grad_norms[0.05] == pytest.approx(0.05, rel=1e-4)  # the gradient the optimizer used
+    assert steps[0.05].norm().item() == pytest.approx(0.05, rel=1e-3)  # and its effect on the weights
+    torch.testing.assert_close(steps[0.05], steps[0.0] * (0.05 / raw), rtol=1e-3, atol=1e-7)  # same direction
+    assert logged[0.05] == pytest.approx(raw, rel=1e-4) == logged[0.0]  # the log shows the norm before clipping
+
+
+def _epoch_worker(rank, init_file, work_dir, results):
+    """One of two gloo processes running fit() for one epoch on its own shard, wrapped in DDP as train.py does."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, world_size=2)
+        cfg = tiny_config("train.epochs=1", "train.checkpoint_every_iters=0")
+        seed_everything(cfg.train.seed)
+        model = prepare_model(cfg, ctx)
+        optimizer = build_optimizer(model, cfg, cfg.train.lr, ctx.device)
+        scheduler = build_scheduler(optimizer, cfg.train.epochs)
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            torch.nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
+        train_model = torch.nn.parallel.DistributedDataParallel(model, **{flag: False})
+        loader = MemoryLoader(16, 4, 4, clip_shape=(3, 4, 16, 16), shard_id=rank, num_shards=2)
+        seed_everything(cfg.train.seed + rank)
+        fit(model, train_model, optimizer, scheduler, None, loader, None, cfg=cfg, ctx=ctx, work_dir=Path(work_dir),
+            progress=Progress())
+        results[rank] = {name: b.clone() for name, b in model.named_buffers()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_end_an_epoch_with_the_same_bn_statistics(tmp_path):
+    """Each rank's BNs see only its own shard (DDP does not broadcast buffers); fit() averages them per epoch."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_epoch_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), results), nprocs=2)
+        results = dict(results)
+    means = [name for name in results[0] if name.endswith("running_mean")]
+    assert means
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+    assert all(results[0][name].abs().sum() > 0 for name in means)  # statistics were collected
+    saved = read_checkpoint(tmp_path / "latest.pth")["state_dict"]
+    assert all(torch.equal(saved[name], results[0][name]) for name in means)  # the checkpoint holds the average
 
 
 def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True, metrics=None):
