@@ -227,8 +227,12 @@ def test_missing_inputs_are_one_line_errors(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "error: --dump result.json: the file name must end in .pkl or .pickle")
+
+
+@pytest.mark.slow
+def test_a_missing_checkpoint_ends_evaluate_py_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=REPO,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {tmp_path / 'none.pth'}: no such checkpoint file"
 

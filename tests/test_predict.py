@@ -23,6 +23,8 @@ from tools.make_synthetic import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = (3, 3)
+# predict.py on the CPU even where a GPU is visible: the DALI-vs-PyAV comparison is of the CPU pipelines.
+CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def grey_levels(clips: torch.Tensor) -> np.ndarray:
@@ -73,13 +75,13 @@ def trained_run(motion_set, tmp_path_factory) -> Path:
             "train.batch_size": 4, "data.num_threads": 1}
     command = [sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir), "--no-validate"]
     command += [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=CPU_ENV)
     return work_dir
 
 
 def predict(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "predict.py", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=CPU_ENV)
 
 
 def h264_copy(source: Path, target: Path) -> Path:
