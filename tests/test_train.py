@@ -166,7 +166,6 @@ def _epoch_worker(rank, init_file, work_dir, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_two_processes_end_an_epoch_with_the_same_bn_statistics(tmp_path):
     """Each rank's BNs see only its own shard (DDP does not broadcast buffers); fit() averages them per epoch."""
     with mp.Manager() as manager:
