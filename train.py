@@ -331,6 +331,10 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         log.warning("%s: config differs from the checkpoint's, using the current value: %s", path, difference)
     progress, rng = restore_training_state(ckpt, path, optimizer, scheduler, scaler,
                                            world_size=ctx.world_size, batch_size=cfg.train.batch_size)
+    # The saved lr is the saved schedule's; with another train.epochs the run continues on the current schedule
+    # (LambdaLR's own formula, so an unchanged schedule gets the saved value bit for bit).
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
     if rng is not None:
         set_rng_state(rng[ctx.rank])
     else:

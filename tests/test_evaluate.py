@@ -4,7 +4,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +129,17 @@ def _gather_worker(rank, init_file, results):
         loader = MemoryLoader(9, 4, batch_size=2, num_views=2, mode="test", shard_id=rank, num_shards=2)
         result = evaluate(model, loader, num_clips=2, num_crops=1)
         results[rank] = (len(loader), result.video_idx, result.scores, result.labels, result.top1)
+        # One video for two processes: rank 1 gets no batch, and still returns rank 0's result.
+        lonely = MemoryLoader(1, 4, batch_size=2, num_views=2, mode="test", shard_id=rank, num_shards=2)
+        result = evaluate(model, lonely, num_clips=2, num_crops=1)
+        results[f"lonely{rank}"] = (len(lonely), result.video_idx.tolist(), result.scores)
+        # Both processes given every video (a sharding bug): refused on every rank, none hangs.
+        unsharded = MemoryLoader(3, 4, batch_size=2, num_views=2, mode="test")
+        try:
+            evaluate(model, unsharded, num_clips=2, num_crops=1)
+            results[f"twice{rank}"] = "no error"
+        except RuntimeError as e:
+            results[f"twice{rank}"] = str(e)
     finally:
         dist.destroy_process_group()
 
@@ -148,6 +158,10 @@ def test_two_processes_score_each_video_exactly_once(tmp_path):
         assert video_idx.tolist() == list(range(9))
         torch.testing.assert_close(scores, single.scores, rtol=1e-5, atol=1e-6)
         assert torch.equal(labels, single.labels) and top1 == single.top1
+    assert (results["lonely0"][:2], results["lonely1"][:2]) == ((1, [0]), (0, [0]))
+    assert torch.equal(results["lonely0"][2], results["lonely1"][2])
+    expected = "evaluate: 3 videos were scored more than once; every video must be on exactly one process"
+    assert results["twice0"] == results["twice1"] == expected
 
 
 def make_run(work_dir, *, best=True, epoch=2):
@@ -168,8 +182,9 @@ def args_for(*argv):
 def test_the_work_dirs_config_and_best_checkpoint_are_the_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_run(Path("work_dirs/older"))
-    time.sleep(0.05)
     cfg = make_run(Path("work_dirs/newer"), epoch=3)
+    for checkpoint in Path("work_dirs/older").glob("*.pth"):  # older by the clock, whatever the file system's
+        os.utime(checkpoint, (1_000_000_000, 1_000_000_000))
     assert newest_run() == Path("work_dirs/newer")
     resolved, checkpoint = resolve_run(args_for("--views", "2x3"))
     assert checkpoint == Path("work_dirs/newer/best_acc_top1_epoch_3.pth")
@@ -204,13 +219,20 @@ def test_a_checkpoint_alone_brings_its_config_and_an_mmaction2_file_needs_one(tm
     assert load_checkpoint(build_model(depth=18, num_classes=4, base_channels=8), checkpoint)["meta"]["epoch"] == 180
 
 
-def test_missing_inputs_are_one_line_errors(tmp_path):
+def test_missing_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"empty: no checkpoint \(best_acc_top1_epoch_<n>\.pth or latest\.pth\)"):
         resolve_run(args_for("--work-dir", str(tmp_path / "empty")))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         parse_args(["--dump", "result.json"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --dump result.json: the file name must end in .pkl or .pickle")
+
+
+@pytest.mark.slow
+def test_a_missing_checkpoint_ends_evaluate_py_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=REPO,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {tmp_path / 'none.pth'}: no such checkpoint file"
 

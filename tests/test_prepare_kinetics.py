@@ -92,6 +92,33 @@ def test_a_given_label_map_fixes_the_order(kinetics_tree, tmp_path):
         ("abseiling/clip0.webm", 1), ("air_drumming/clip0.webm", 2), ("zumba/clip0.webm", 0)]
 
 
+@pytest.mark.parametrize("header, row, message", [
+    ("label,youtube_id,start,end", "abseiling,abc,10,20", "expected the columns label, time_end, time_start, "
+                                                          "youtube_id, got label, youtube_id, start, end"),
+    ("label,youtube_id,time_start,time_end", "abseiling,abc,ten,20", ":3: time_start/time_end must be integers"),
+])
+def test_a_malformed_csv_stops_with_file_line_and_what_is_wrong(tmp_path, header, row, message):
+    (tmp_path / "val.csv").write_text(f"{header}\nabseiling,xyz,0,10\n{row}\n" if "time_start" in header
+                                      else f"{header}\n{row}\n")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(SystemExit) as info:
+        prepare(["--val-csv", str(tmp_path / "val.csv"), "--val-dir", str(tmp_path / "flat"),
+                 "--out", str(tmp_path / "out")])
+    sep = "" if message.startswith(":") else ": "
+    assert info.value.code == f"error: {tmp_path / 'val.csv'}{sep}{message}"
+
+
+def test_a_label_map_missing_a_class_of_the_videos_is_refused(kinetics_tree, tmp_path):
+    (tmp_path / "label_map.txt").write_text("zumba\nabseiling\n")
+    with pytest.raises(SystemExit) as info:
+        prepare(["--val-dir", str(kinetics_tree / "videos_val"), "--out", str(tmp_path / "out"),
+                 "--class-names", str(tmp_path / "label_map.txt")])
+    assert info.value.code == (f"error: {tmp_path / 'label_map.txt'}: 1 classes of the videos are not in it "
+                               f"(first: 'air drumming')")
+    assert not (tmp_path / "out" / "kinetics400_val_list_videos.txt").exists()
+
+
+@pytest.mark.slow
 def test_reencoding_is_resumable_and_never_leaves_partial_files(tmp_path):
     source = tmp_path / "src"
     for i in range(8):
@@ -99,18 +126,24 @@ def test_reencoding_is_resumable_and_never_leaves_partial_files(tmp_path):
     command = [sys.executable, "tools/prepare_kinetics.py", "--train-dir", str(source), "--out", str(tmp_path / "out"),
                "--reencode", "--codec", "vp9", "--gop", "8", "--short-side", "32", "--workers", "1"]
     target = tmp_path / "out" / "reencoded" / "train"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU encoder, wherever the test runs
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               start_new_session=True, env=env)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(target.rglob("clip*.webm"))) < 2:
-        time.sleep(0.05)
+    while len(list(target.rglob("clip*.webm"))) < 2:  # two clips finished, six to go (one worker, one at a time)
+        assert process.poll() is None, "the re-encoding ended before it could be killed"
+        assert time.monotonic() < deadline, "no two clips re-encoded within 120 s"
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # killed, not finished
     finished = {p: p.stat().st_mtime_ns for p in target.rglob("clip*.webm")}
     assert 2 <= len(finished) < 8, "the run was not interrupted part-way"
+    for path in finished:  # older than anything the rerun could write, whatever the file system's time resolution
+        os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    finished = {p: p.stat().st_mtime_ns for p in finished}
     for path in finished:  # whatever carries a final name is complete
         assert probe_video(path).num_frames == 90
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env=env)
     outputs = sorted(target.rglob("*.webm"))
     assert len(outputs) == 8 and not list(target.rglob("*.partial*"))
     assert all(finished[p] == p.stat().st_mtime_ns for p in finished), "finished files were encoded again"

@@ -4,15 +4,19 @@ The loops get an in-memory loader of real tensors (tests/memory_loader.py); the 
 are in the end-to-end tests.
 """
 
+import inspect
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoints import Progress, find_best_checkpoint, training_checkpoint
@@ -117,6 +121,66 @@ def test_views_of_a_video_share_its_label_in_the_loss():
     assert stats.loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_gradient_above_clip_grad_is_scaled_down_to_it_before_the_step():
+    cfg = tiny_config("model.dropout=0.0")
+    loader = MemoryLoader(4, 4, batch_size=4)
+    steps, grad_norms, logged = {}, {}, {}
+    for clip_grad in (0.0, 0.05):  # 0: no clipping
+        seed_everything(0)
+        model = prepare_model(cfg, CPU)
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # no momentum, no decay: the step is the gradient
+        stats = train_one_epoch(model, loader, optimizer, epoch=0, epochs=1, num_batches=1, device=CPU.device,
+                                clip_grad=clip_grad)
+        steps[clip_grad] = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters())])
+        grad_norms[clip_grad] = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item()
+        logged[clip_grad] = stats.grad_norm
+    raw = grad_norms[0.0]
+    assert raw > 0.5, "the batch's gradient must exceed clip_grad for the test to see clipping"
+    assert grad_norms[0.05] == pytest.approx(0.05, rel=1e-4)  # the gradient the optimizer used
+    assert steps[0.05].norm().item() == pytest.approx(0.05, rel=1e-3)  # and its effect on the weights
+    torch.testing.assert_close(steps[0.05], steps[0.0] * (0.05 / raw), rtol=1e-3, atol=1e-7)  # same direction
+    assert logged[0.05] == pytest.approx(raw, rel=1e-4) == logged[0.0]  # the log shows the norm before clipping
+
+
+def _epoch_worker(rank, init_file, work_dir, results):
+    """One of two gloo processes running fit() for one epoch on its own shard, wrapped in DDP as train.py does."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, world_size=2)
+        cfg = tiny_config("train.epochs=1", "train.checkpoint_every_iters=0")
+        seed_everything(cfg.train.seed)
+        model = prepare_model(cfg, ctx)
+        optimizer = build_optimizer(model, cfg, cfg.train.lr, ctx.device)
+        scheduler = build_scheduler(optimizer, cfg.train.epochs)
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            torch.nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers"
+        train_model = torch.nn.parallel.DistributedDataParallel(model, **{flag: False})
+        loader = MemoryLoader(16, 4, 4, clip_shape=(3, 4, 16, 16), shard_id=rank, num_shards=2)
+        seed_everything(cfg.train.seed + rank)
+        fit(model, train_model, optimizer, scheduler, None, loader, None, cfg=cfg, ctx=ctx, work_dir=Path(work_dir),
+            progress=Progress())
+        results[rank] = {name: b.clone() for name, b in model.named_buffers()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_end_an_epoch_with_the_same_bn_statistics(tmp_path):
+    """Each rank's BNs see only its own shard (DDP does not broadcast buffers); fit() averages them per epoch."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_epoch_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), results), nprocs=2)
+        results = dict(results)
+    means = [name for name in results[0] if name.endswith("running_mean")]
+    assert means
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+    assert all(results[0][name].abs().sum() > 0 for name in means)  # statistics were collected
+    saved = read_checkpoint(tmp_path / "latest.pth")["state_dict"]
+    assert all(torch.equal(saved[name], results[0][name]) for name in means)  # the checkpoint holds the average
+
+
 def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True, metrics=None):
     """Builds everything as train.py does (on the CPU) and runs fit(); returns the bare model and the loaders."""
     seed_everything(cfg.train.seed)
@@ -161,13 +225,17 @@ def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert full["progress"]["epoch"] == 3 and full["progress"]["iteration"] == 12
     names = sorted(p.name for p in (tmp_path / "crashed").glob("*.pth"))
     assert names == sorted(p.name for p in (tmp_path / "full").glob("*.pth"))
-    assert "epoch_2.pth" in names and find_best_checkpoint(tmp_path / "full") is not None
+    assert "epoch_2.pth" in names
     events = EventAccumulator(str(tmp_path / "full"))
     events.Reload()
     for tag in ("val/top1", "val/top5", "val/mean_class_acc"):
         assert [e.step for e in events.Scalars(tag)] == [8, 12], tag  # after epochs 2 and 3 (4 steps each)
     records = [json.loads(line) for line in (tmp_path / "full" / "scalars.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if r["mode"] == "val"] == [2, 3]
+    val = [(r["epoch"], r["val/top1"]) for r in records if r["mode"] == "val"]
+    assert [epoch for epoch, _ in val] == [2, 3]
+    best_epoch, best_top1 = max(val, key=lambda e: (e[1], -e[0]))  # the highest top-1; a tie keeps the earlier
+    assert find_best_checkpoint(tmp_path / "full") == tmp_path / "full" / f"best_acc_top1_epoch_{best_epoch}.pth"
+    assert (full["progress"]["best_epoch"], full["progress"]["best_top1"]) == (best_epoch, best_top1)
 
 
 def test_resume_with_another_total_batch_restarts_the_epoch(tmp_path, caplog):
@@ -204,9 +272,11 @@ def test_checkpoint_is_mmaction2_layout_loads_weights_only_and_into_a_fresh_mode
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_train_cli_reports_bad_input_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--config", "k400_8x8x1.yaml", "--set", "train.btach=2",
-                             "--work-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+                             "--work-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set: unknown key 'train.btach'")
