@@ -82,7 +82,7 @@ class PyAVClips(Dataset):
         if self.decode == "mmaction2":
             frames = decode_accurate(record.path, indices)
         else:
-            frames = decode_frames(record.path, info, indices, thread_count=1)
+            frames = decode_frames(record.path, info, indices, thread_count=1, dali_rgb=False)
         frames = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8, channels-last in memory
         height, width = geometry.short_side_size(frames.shape[2], frames.shape[3], self.short_side)
         frames = resize(frames, height, width)  # MMAction2 resizes even when the size does not change
