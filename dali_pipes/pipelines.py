@@ -52,7 +52,7 @@ def _normalize(video, mirror, dtype):
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source, decode_device: str, augment_on_gpu: bool, crop_size: int, dtype, parallel: bool,
-                   source_prefetch: int):
+                   source_prefetch: int = 1):
     """Short-side resize, RandomResizedCrop box, stretch to crop_size, flip; one box and one flip per sample."""
     encoded, frames, order, height, width, needs_resize, box_start, box_shape, flip, label, video_idx = (
         fn.external_source(source=source, num_outputs=11, batch=True, batch_info=True, parallel=parallel,
@@ -65,7 +65,7 @@ def train_pipeline(source, decode_device: str, augment_on_gpu: bool, crop_size: 
 
 @pipeline_def(enable_conditionals=True)
 def eval_pipeline(source, decode_device: str, augment_on_gpu: bool, num_crops: int, dtype, parallel: bool,
-                  source_prefetch: int):
+                  source_prefetch: int = 1):
     """Short-side resize, then `num_crops` fixed boxes (CenterCrop or ThreeCrop), joined crop-major."""
     encoded, frames, order, height, width, needs_resize, box_shape, label, video_idx, *box_starts = (
         fn.external_source(source=source, num_outputs=9 + num_crops, batch=True, batch_info=True,
