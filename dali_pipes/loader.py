@@ -264,11 +264,17 @@ class VideoLoader:
         in_flight = list(dict.fromkeys(int(i) for i in shard[begin:begin + window]))
         dali_error = _dali_reason(error)
         source = BatchSource(self.spec, epoch, 0)
+        pipe = decode_check_pipeline(decode_device=self.decode_device, batch_size=1, num_threads=1,
+                                     device_id=self.device_id, prefetch_queue_depth=1)
+        pipe.build()  # reused while it decodes: DALI invalidates a pipeline only when it fails
         for index in in_flight:
-            reason = self._dali_decode_error(*source.sample(index, epoch)[:2])
-            if reason is None:
-                continue
-            return self._mark(index, f"DALI cannot decode it ({reason})")
+            encoded, frames = source.sample(index, epoch)[:2]  # the decoder's inputs, as the batch had them
+            pipe.feed_input("encoded", [encoded])
+            pipe.feed_input("frames", [frames])
+            try:
+                pipe.run()
+            except RuntimeError as e:
+                return self._mark(index, f"DALI cannot decode it ({_dali_reason(e)})")
         for index in in_flight:
             reason = decode_error(self.spec.paths[index], self.spec.infos[index].num_frames)
             if reason is not None:
@@ -276,19 +282,6 @@ class VideoLoader:
         paths = ", ".join(self.spec.paths[i] for i in in_flight[:_SHOWN_PATHS])
         return LoaderError(f"DALI failed on a batch holding one of {len(in_flight)} videos ({paths}, …): "
                            f"{dali_error}")
-
-    def _dali_decode_error(self, encoded: np.ndarray, frames: np.ndarray) -> str | None:
-        """DALI's reason for failing on one sample's decoding, or None when it decodes."""
-        pipe = decode_check_pipeline(decode_device=self.decode_device, batch_size=1, num_threads=1,
-                                     device_id=self.device_id, prefetch_queue_depth=1)
-        pipe.build()
-        pipe.feed_input("encoded", [encoded])
-        pipe.feed_input("frames", [frames])
-        try:
-            pipe.run()
-        except RuntimeError as e:
-            return _dali_reason(e)
-        return None
 
     def _mark(self, index: int, reason: str, dali_error: str | None = None) -> LoaderError:
         path = self.spec.paths[index]
