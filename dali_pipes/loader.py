@@ -16,6 +16,10 @@ callable, so DALI can run it in worker processes); the decoding and pixel work r
 Sharding: train pads the epoch's order by repetition to a multiple of the shard count (as MMAction2's
 DefaultSampler), so every rank runs the same number of batches and DDP cannot hang; the last batch may be partial.
 val/test give every video to exactly one shard, no padding.
+
+`data.decode_pipelines` (P) DALI pipelines serve one process: batch k comes from pipeline k mod P, whose source
+computes exactly that batch, so the batches and their order are those of one pipeline. Only DALI's own step is
+guarded for decode failures (see VideoLoader._decode_failure); errors of the consumer propagate unchanged.
 """
 
 from __future__ import annotations
