@@ -89,8 +89,8 @@ def partial_pipeline(source, batch_size: int, num_threads: int, resize: bool):
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=2)
     def graph():
-        encoded, frames, height, width = fn.external_source(source=lambda info: source(info)[:4], num_outputs=4,
-                                                            batch=True, batch_info=True)
+        encoded, frames, height, width = fn.external_source(
+            source=lambda info: [source(info)[i] for i in (0, 1, 3, 4)], num_outputs=4, batch=True, batch_info=True)
         video = fn.decoders.video(encoded, device="cpu", frames=frames)
         if resize:  # as pipelines._resize
             video = fn.resize(video, resize_y=height, resize_x=width, interp_type=types.INTERP_LINEAR,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import json
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +184,10 @@ def test_layout_and_dtype_options(index_list):
         assert batch.clips.dtype == dtype
         assert batch.clips.is_contiguous(memory_format=torch.channels_last_3d)
         torch.testing.assert_close(batch.clips.float(), reference.clips, atol=0.02, rtol=0.01)
+        if dtype == torch.float16:
+            half = batch.clips
+    # bfloat16 runs get DALI's float16 output too (half float32's memory traffic), converted by torch at the end.
+    assert torch.equal(batch.clips, half.to(torch.bfloat16))
 
 
 def test_unreadable_videos_are_left_out_and_reported(videos, tmp_path, caplog):
@@ -246,7 +254,7 @@ def test_worker_processes_prepare_the_same_batches(index_list):
         loader.set_epoch(2)
         return [(b.clips, b.video_idx.tolist()) for b in loader]
 
-    in_process, in_workers = batches(0), batches(1)
+    in_process, in_workers = batches(0), batches(2)  # two workers: two batches prepared at once
     assert len(in_process) == len(in_workers) == 3
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(in_process, in_workers))
 
@@ -261,8 +269,9 @@ def test_a_video_that_breaks_decoding_is_named_and_left_out_next_time(tmp_path):
     cfg = data_config(write_list(tmp_path, [(good, 0), (bad, 0)]), val_crop=40)
     loader = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert len(loader.records) == 2  # probing reads packets only: the damage shows when decoding
-    with pytest.raises(LoaderError, match=r"bad\.webm: decoding fails after \d+ frames .*marked unreadable in "
-                                          r".*list\.txt\.probe\.json, so a rerun or --resume leaves it out"):
+    with pytest.raises(LoaderError, match=r"bad\.webm: DALI cannot decode it \(.*Invalid data.*\); marked "
+                                          r"unreadable in .*list\.txt\.probe\.json, so a rerun or --resume "
+                                          r"leaves it out"):
         list(loader)
     again = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert [r.path for r in again.records] == [str(good)] and again.skipped[0][0] == str(bad)
@@ -286,3 +295,67 @@ def test_shard_sizes_match_the_shards_for_every_world_size():
                     spec = SourceSpec(mode, tuple(map(str, range(count))), (0,) * count, (1,) * count,
                                       (None,) * count, 1, 1, 1, 1, 1, 1, 0, 2, shard, shards)
                     assert shard_size(spec) == len(shard_indices(spec, 3)), (mode, count, shards, shard)
+
+
+def test_a_frame_past_what_dali_finds_is_an_error_naming_the_video_never_a_black_frame(videos, tmp_path):
+    # The probe cache claims 30 frames for a 20-frame file (as a probe would whose count exceeds what the
+    # decoder sees): the val clip then asks for frames 20..29, which DALI's decoder pads black by default.
+    entries = [(videos["long_webm"], 0), (videos["short"], 1), (videos["default_gop"], 0)]
+    cfg = data_config(write_list(tmp_path, entries), decode_pipelines=2)
+    VideoLoader(cfg, "val", batch_size=1, num_classes=2)  # fills the cache
+    cache_file = tmp_path / "list.txt.probe.json"
+    cache = json.loads(cache_file.read_text())
+    cache["videos"][str(videos["short"])]["info"]["num_frames"] = 30
+    cache_file.write_text(json.dumps(cache))
+    loader = VideoLoader(cfg, "val", batch_size=1, num_classes=2)
+    assert loader.records[1].num_frames == 30
+    with pytest.raises(LoaderError, match=r"short\.webm: DALI cannot decode it \(Unexpected out-of-bounds frame "
+                                          r"index 2\d .*\); marked unreadable in .*list\.txt\.probe\.json"):
+        list(loader)
+    again = VideoLoader(cfg, "val", batch_size=1, num_classes=2)
+    assert [r.path for r in again.records] == [str(videos["long_webm"]), str(videos["default_gop"])]
+    assert "out-of-bounds frame index" in dict(again.skipped)[str(videos["short"])]
+
+
+class _ConversionOutOfMemory(VideoLoader):
+    """A loader whose batch conversion runs out of memory on the second batch (as a GPU can, allocating it)."""
+
+    def _to_batch(self, outputs):
+        self.converted = getattr(self, "converted", 0) + 1
+        if self.converted == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._to_batch(outputs)
+
+
+def test_an_out_of_memory_error_is_not_a_bad_video(index_list):
+    loader = VideoLoader(data_config(index_list), "train", batch_size=2, num_classes=4)
+    cache_before = open(f"{index_list}.probe.json").read()
+    error = torch.OutOfMemoryError("CUDA out of memory (in the training step)")
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        for _ in loader:
+            raise error
+    assert raised.value is error
+    converting = _ConversionOutOfMemory(data_config(index_list), "val", batch_size=2, num_classes=4)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        list(converting)
+    assert open(f"{index_list}.probe.json").read() == cache_before  # nothing marked unreadable
+    assert len(list(loader)) == 3  # and the loaders still work
+    assert len(list(converting)) == 3
+
+
+def test_validation_holds_no_pipeline_between_passes_and_training_keeps_its_own(index_list):
+    def pipelines_during_a_pass(loader):
+        refs = []
+        for batch in loader:
+            refs = refs or [weakref.ref(it._pipes[0]) for it in loader._iterators]
+        gc.collect()
+        return refs
+
+    for mode in ("val", "test"):
+        loader = VideoLoader(data_config(index_list), mode, batch_size=2, num_classes=4)
+        refs = pipelines_during_a_pass(loader)
+        assert refs and all(ref() is None for ref in refs), mode
+        assert len(list(loader)) == 3  # the next pass builds its own
+    train = VideoLoader(data_config(index_list), "train", batch_size=2, num_classes=4)
+    refs = pipelines_during_a_pass(train)
+    assert refs and all(ref() is not None for ref in refs)
