@@ -49,6 +49,7 @@ class DataConfig:
     num_threads: int = 4  # DALI CPU worker threads per process
     prefetch_batches: int = 2  # batches DALI prepares ahead of the training step
     source_workers: int = 0  # processes cutting video segments for DALI; 0: in the training process
+    decode_pipelines: int = 0  # DALI pipelines per process, batch k from pipeline k mod P; 0: 1 on CPU, 4 on GPU
 
 
 @dataclass
@@ -163,8 +164,9 @@ def check_config(cfg: Config) -> None:
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
-    non_negative = ["data.source_workers", "train.lr", "train.momentum", "train.weight_decay", "train.clip_grad",
-                    "train.checkpoint_interval", "train.checkpoint_every_iters"]
+    non_negative = ["data.source_workers", "data.decode_pipelines", "train.lr", "train.momentum",
+                    "train.weight_decay", "train.clip_grad", "train.checkpoint_interval",
+                    "train.checkpoint_every_iters"]
     for key in non_negative:
         if get_value(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_value(cfg, key)}")

@@ -31,13 +31,14 @@ import torch
 from config import DataConfig
 from dali_pipes import geometry, sampling
 from dali_pipes.lists import ListError, VideoRecord, read_video_list
-from dali_pipes.pipelines import DALI_DTYPES, eval_pipeline, train_pipeline
+from dali_pipes.pipelines import DALI_DTYPES, decode_check_pipeline, eval_pipeline, train_pipeline
 from dali_pipes.probe import CPU_CODECS, VideoInfo, decode_error, mark_unreadable, probe_videos
 from dali_pipes.segments import read_segment
 
 LOG = logging.getLogger(__name__)
 MODES = ("train", "val", "test")
 _SHOWN_PATHS = 3
+GPU_DECODE_PIPELINES = 4  # data.decode_pipelines=0 on a GPU; a first guess that a GPU measurement is to settle
 
 
 class LoaderError(ValueError):
@@ -75,18 +76,23 @@ class BatchSource:
 
     DALI counts its own epochs from 0 (one per pipeline reset); `first_epoch` and `start_batch` map them onto
     training epochs: DALI epoch k is training epoch first_epoch + k, and only the first one skips start_batch
-    batches (mid-epoch resume).
+    batches (mid-epoch resume). With several pipelines, pipeline `pipeline` of `num_pipelines` serves batches
+    pipeline, pipeline + num_pipelines, ... of the (remaining) epoch.
     """
 
-    def __init__(self, spec: SourceSpec, first_epoch: int, start_batch: int):
+    def __init__(self, spec: SourceSpec, first_epoch: int, start_batch: int, pipeline: int = 0,
+                 num_pipelines: int = 1):
         self.spec = spec
         self.first_epoch = first_epoch
         self.start_batch = start_batch
+        self.pipeline = pipeline
+        self.num_pipelines = num_pipelines
         self._shard_epoch, self._shard = None, None  # the epoch's order, drawn once, not once per batch
 
     def __call__(self, batch_info) -> list:
         epoch = self.first_epoch + batch_info.epoch_idx
-        batch_index = batch_info.iteration + (self.start_batch if batch_info.epoch_idx == 0 else 0)
+        batch_index = (batch_info.iteration * self.num_pipelines + self.pipeline
+                       + (self.start_batch if batch_info.epoch_idx == 0 else 0))
         if self._shard_epoch != epoch:
             self._shard_epoch, self._shard = epoch, shard_indices(self.spec, epoch)
         shard = self._shard
@@ -97,6 +103,8 @@ class BatchSource:
         return [list(column) for column in zip(*samples)]
 
     def sample(self, index: int, epoch: int) -> tuple:
+        """The external source's columns for video `index`: encoded bytes, the distinct frames to decode (indices
+        into the bytes, ascending), `order` (where each output frame comes from among them), then geometry."""
         s = self.spec
         info = s.infos[index]
         if s.mode == "train":
@@ -105,8 +113,12 @@ class BatchSource:
         else:
             frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
                                             test_mode=True)
-        frames = frames.reshape(-1)
-        encoded, base = read_segment(s.paths[index], info, int(frames.min()), int(frames.max()))
+        unique, inverse = np.unique(frames.reshape(-1), return_inverse=True)  # frames == unique[inverse]
+        encoded, base = read_segment(s.paths[index], info, int(unique[0]), int(unique[-1]))
+        decode = (unique - base).astype(np.int32)
+        # The crops of a view are cut side by side from the same distinct frames: crop c's copy of them is rows
+        # c*U..(c+1)*U-1 of the joined crops, so output frame (c, k) comes from row c*U + inverse[k].
+        order = (np.arange(s.num_crops)[:, None] * len(unique) + inverse[None, :]).reshape(-1).astype(np.int32)
         height, width = geometry.short_side_size(info.height, info.width, s.short_side)
         # 0-d arrays, not numpy scalars: DALI's parallel external source accepts only arrays.
         resize = (np.array(height, np.float32), np.array(width, np.float32),
@@ -116,14 +128,14 @@ class BatchSource:
             rng = sampling.sample_rng(s.seed, epoch, index, 1)
             y, x, h, w = geometry.random_resized_crop_box(height, width, rng)
             flip = np.array(rng.random() < 0.5, np.int32)
-            return (encoded, (frames - base).astype(np.int32), *resize, np.array([y, x], np.int32),
+            return (encoded, decode, order, *resize, np.array([y, x], np.int32),
                     np.array([h, w], np.int32), flip, label, video_idx)
         if s.num_crops == 3:
             boxes = geometry.three_crop_boxes(height, width, s.crop_size)
         else:
             boxes = [geometry.center_crop_box(height, width, s.crop_size)]
         starts = [np.array(box[:2], np.int32) for box in boxes]
-        return (encoded, (frames - base).astype(np.int32), *resize, np.array([s.crop_size] * 2, np.int32),
+        return (encoded, decode, order, *resize, np.array([s.crop_size] * 2, np.int32),
                 label, video_idx, *starts)
 
 
@@ -164,6 +176,9 @@ class VideoLoader:
         self.source_workers = data_cfg.source_workers
         self.num_threads = data_cfg.num_threads
         self.prefetch = data_cfg.prefetch_batches
+        # 0 = auto: several pipelines on a GPU (their work overlaps on separate CUDA streams), one on the CPU,
+        # where one pipeline's threads already use the cores.
+        self.num_pipelines = data_cfg.decode_pipelines or (GPU_DECODE_PIPELINES if device_id is not None else 1)
         self.decode_device, self.augment_on_gpu = _placement(data_cfg.decode_device, device_id)
         num_clips, num_crops = {"train": (data_cfg.num_clips, 1), "val": (1, 1), "test": views}[mode]
         self.num_views = num_clips * num_crops
@@ -185,8 +200,7 @@ class VideoLoader:
             num_crops=num_crops, short_side=data_cfg.short_side, crop_size=crop_size, seed=seed,
             batch_size=batch_size, shard_id=shard_id, num_shards=num_shards)
         self._epoch, self._start_batch = 0, 0
-        self._iterator = None
-        self._names: list[str] = []
+        self._iterators: list | None = None  # one DALIGenericIterator per pipeline; batch k comes from k mod P
         self._next_dali_epoch = None  # the training epoch the iterator's next DALI epoch stands for
 
     def __len__(self) -> int:
@@ -202,67 +216,115 @@ class VideoLoader:
         expected = len(self) - start_batch
         if expected <= 0:
             return
-        # DALI's iterator is at an epoch start only after a pass that ran to its end; a train pass must also be
+        # DALI's iterators are at an epoch start only after a pass that ran to its end; a train pass must also be
         # the epoch that follows it (BatchSource maps DALI's epoch count onto training epochs).
-        reusable = self._iterator is not None and start_batch == 0 and self._next_dali_epoch is not None and (
+        reusable = self._iterators is not None and start_batch == 0 and self._next_dali_epoch is not None and (
             self.mode != "train" or self._next_dali_epoch == epoch)
         if not reusable:
-            self._build(epoch, start_batch)
+            self._build(epoch, start_batch, min(self.num_pipelines, expected))
         self._next_dali_epoch = None  # an interrupted pass leaves DALI mid-epoch: rebuild next time
-        count = 0
-        try:
-            for outputs in self._iterator:
-                count += 1
-                yield self._to_batch(outputs[0])
-        except RuntimeError as e:
-            self._iterator = None  # DALI invalidates a pipeline after an error
-            raise self._decode_failure(epoch, start_batch + count, e) from e
-        if count != expected:
-            raise RuntimeError(f"DALI yielded {count} batches for epoch {epoch}, expected {expected}")
-        self._next_dali_epoch = self._epoch = epoch + 1
+        iterators = self._iterators
+        for count in range(expected):
+            # Only DALI's own step is guarded: an error in the conversion or in the consumer's loop body (an
+            # out-of-memory error in the training step, say) is no sign of a bad video and propagates as it is.
+            try:
+                outputs = next(iterators[count % len(iterators)])
+            except StopIteration:
+                self._iterators = None
+                raise RuntimeError(f"DALI yielded {count} batches for epoch {epoch}, expected {expected}") from None
+            except RuntimeError as e:
+                self._iterators = None  # DALI invalidates a pipeline after an error
+                raise self._decode_failure(epoch, start_batch + count, len(iterators), e) from e
+            yield self._to_batch(outputs[0])
+        for iterator in iterators:  # every pipeline has served its share: its source ends the epoch now
+            try:
+                next(iterator)
+            except StopIteration:  # auto_reset: the pipeline starts on its next epoch
+                continue
+            self._iterators = None
+            raise RuntimeError(f"DALI yielded more than the {expected} batches of epoch {epoch}")
+        self._epoch = epoch + 1
+        if self.mode == "train":
+            self._next_dali_epoch = epoch + 1
+        else:
+            self._iterators = None  # validation comes rarely: hold no pipelines nor prefetched batches until then
 
-    def _decode_failure(self, epoch: int, batch_index: int, error: RuntimeError) -> LoaderError:
+    def _decode_failure(self, epoch: int, batch_index: int, num_pipelines: int,
+                        error: RuntimeError) -> LoaderError:
         """Finds which video of the batches in flight broke DALI, marks it unreadable in the probe cache so a rerun
-        or `--resume` leaves it out, and says so in one line."""
+        or `--resume` leaves it out, and says so in one line.
+
+        DALI's message does not say which sample failed, so each video in flight is decoded again, alone, as the
+        batch asked for it (same bytes, frames and decoder device); the first one DALI fails on is marked with
+        DALI's reason. When DALI decodes each alone, PyAV looks for a damaged file as a last resort.
+        """
         shard = shard_indices(self.spec, epoch)
         begin = batch_index * self.batch_size
-        in_flight = dict.fromkeys(int(i) for i in shard[begin:begin + (self.prefetch + 1) * self.batch_size])
-        dali_error = next((line.strip() for line in str(error).splitlines() if "fail" in line.lower()),
-                          str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+        window = num_pipelines * (self.prefetch + 1) * self.batch_size  # every pipeline may run ahead
+        in_flight = list(dict.fromkeys(int(i) for i in shard[begin:begin + window]))
+        dali_error = _dali_reason(error)
+        source = BatchSource(self.spec, epoch, 0)
+        for index in in_flight:
+            reason = self._dali_decode_error(*source.sample(index, epoch)[:2])
+            if reason is None:
+                continue
+            return self._mark(index, f"DALI cannot decode it ({reason})")
         for index in in_flight:
             reason = decode_error(self.spec.paths[index], self.spec.infos[index].num_frames)
             if reason is not None:
-                mark_unreadable(self.cache_file, self.spec.paths[index], reason)
-                return LoaderError(f"{self.spec.paths[index]}: {reason}; marked unreadable in {self.cache_file}, so "
-                                   f"a rerun or --resume leaves it out (DALI: {dali_error})")
-        paths = ", ".join(self.spec.paths[i] for i in list(in_flight)[:_SHOWN_PATHS])
-        return LoaderError(f"DALI failed on a batch holding one of {len(in_flight)} videos ({paths}, …): {dali_error}")
+                return self._mark(index, reason, dali_error)
+        paths = ", ".join(self.spec.paths[i] for i in in_flight[:_SHOWN_PATHS])
+        return LoaderError(f"DALI failed on a batch holding one of {len(in_flight)} videos ({paths}, …): "
+                           f"{dali_error}")
 
-    def _build(self, first_epoch: int, start_batch: int) -> None:
+    def _dali_decode_error(self, encoded: np.ndarray, frames: np.ndarray) -> str | None:
+        """DALI's reason for failing on one sample's decoding, or None when it decodes."""
+        pipe = decode_check_pipeline(decode_device=self.decode_device, batch_size=1, num_threads=1,
+                                     device_id=self.device_id, prefetch_queue_depth=1)
+        pipe.build()
+        pipe.feed_input("encoded", [encoded])
+        pipe.feed_input("frames", [frames])
+        try:
+            pipe.run()
+        except RuntimeError as e:
+            return _dali_reason(e)
+        return None
+
+    def _mark(self, index: int, reason: str, dali_error: str | None = None) -> LoaderError:
+        path = self.spec.paths[index]
+        mark_unreadable(self.cache_file, path, reason)
+        return LoaderError(f"{path}: {reason}; marked unreadable in {self.cache_file}, so a rerun or --resume "
+                           f"leaves it out" + (f" (DALI: {dali_error})" if dali_error else ""))
+
+    def _build(self, first_epoch: int, start_batch: int, num_pipelines: int) -> None:
+        """`num_pipelines` pipelines, each with its own source serving every num_pipelines-th batch."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        dali_dtype = DALI_DTYPES["float16" if self.dtype == torch.float16 else "float32"]
-        source = BatchSource(self.spec, first_epoch, start_batch)
+        self._iterators = None  # free the old pipelines (and their prefetched batches) before making new ones
+        # FLOAT16 for both half types: normalised values lie within about +-3, where float16 keeps ~3 decimal
+        # digits (more than bfloat16), at half float32's memory traffic; the loader converts to bfloat16.
+        half = self.dtype in (torch.float16, torch.bfloat16)
         common = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      prefetch_queue_depth=self.prefetch, seed=self.spec.seed, source=source,
-                      decode_device=self.decode_device, augment_on_gpu=self.augment_on_gpu, dtype=dali_dtype,
-                      parallel=self.source_workers > 0)
+                      prefetch_queue_depth=self.prefetch, seed=self.spec.seed, decode_device=self.decode_device,
+                      augment_on_gpu=self.augment_on_gpu, dtype=DALI_DTYPES["float16" if half else "float32"],
+                      parallel=self.source_workers > 0, source_prefetch=max(1, self.source_workers))
         if self.source_workers > 0:
             common.update(py_num_workers=self.source_workers, py_start_method="spawn")
-        if self.mode == "train":
-            pipe = train_pipeline(crop_size=self.spec.crop_size, **common)
-            names = ["clips", "labels", "video_idx"]
-        else:
-            pipe = eval_pipeline(num_crops=self.spec.num_crops, **common)
-            names = ["labels", "video_idx"] + [f"crop{c}" for c in range(self.spec.num_crops)]
-        self._iterator = DALIGenericIterator([pipe], names, auto_reset=True,
-                                             last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-        self._names = names
+        iterators = []
+        for pipeline in range(num_pipelines):
+            source = BatchSource(self.spec, first_epoch, start_batch, pipeline, num_pipelines)
+            if self.mode == "train":
+                pipe = train_pipeline(source=source, crop_size=self.spec.crop_size, **common)
+            else:
+                pipe = eval_pipeline(source=source, num_crops=self.spec.num_crops, **common)
+            iterators.append(DALIGenericIterator([pipe], ["clips", "labels", "video_idx"], auto_reset=True,
+                                                 last_batch_policy=LastBatchPolicy.PARTIAL,
+                                                 prepare_first_batch=False))
+        self._iterators = iterators
 
     def _to_batch(self, outputs: dict) -> Batch:
-        crops = [outputs[n] for n in self._names if n.startswith("crop") or n == "clips"]
-        frames = torch.stack(crops, dim=1) if len(crops) > 1 else crops[0].unsqueeze(1)  # (B, crops, F, H, W, C)
-        b, _, _, h, w, c = frames.shape
+        frames = outputs["clips"]  # (B, V*F, H, W, C), crop-major views
+        b, _, h, w, c = frames.shape
         clips = frames.reshape(b * self.num_views, self.clip_len, h, w, c).permute(0, 4, 1, 2, 3)
         memory_format = torch.channels_last_3d if self.channels_last else torch.contiguous_format
         clips = clips.to(dtype=self.dtype, memory_format=memory_format)
@@ -270,6 +332,15 @@ class VideoLoader:
         labels = outputs["labels"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
         video_idx = outputs["video_idx"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True)
         return Batch(clips, labels, video_idx)
+
+
+def _dali_reason(error: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (DALI wraps it in tracebacks and context lines)."""
+    text = str(error)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _placement(decode_device: str, device_id: int | None) -> tuple[str, bool]:

@@ -3,8 +3,13 @@
 One `@pipeline_def` per mode. Every number that decides which pixels end up in a clip (frame indices, resize
 sizes, crop boxes, flips) comes per sample from the external source (loader.py computes them with sampling.py
 and geometry.py), so the graphs only execute them. All resizes are bilinear without antialiasing, as OpenCV's
-INTER_LINEAR in MMAction2 (DALI antialiases when shrinking by default). Outputs are `(F, H, W, C)` normalised
-frames per sample (F = clips x clip_len); the loader turns them into `(N, C, T, H, W)` torch tensors.
+INTER_LINEAR in MMAction2 (DALI antialiases when shrinking by default).
+
+Each distinct frame of a sample is decoded and processed once: the decoder gets the sample's sorted unique frame
+indices (a repeated or backward index is a seek that restarts DALI's decoder), every per-frame step runs on those
+frames, and `fn.sequence_rearrange` with the sample's `order` puts the views' frames back at the end. The output is
+one `(V*F, H, W, C)` tensor per sample (V views of F = clip_len frames, crop-major: view = crop * clips + clip);
+the loader turns it into `(N, C, T, H, W)` torch tensors.
 """
 
 from __future__ import annotations
@@ -14,13 +19,21 @@ from nvidia.dali import fn, pipeline_def, types
 from dali_pipes.geometry import MEAN_RGB, STD_RGB
 
 
+def _decode(encoded, frames, decode_device: str):
+    """(U, H, W, 3) uint8 RGB frames `frames` (sorted, distinct) of the encoded bytes.
+
+    pad_mode='none': an index past the end DALI finds in the data is an error, not a black frame.
+    """
+    return fn.decoders.video(encoded, device=decode_device, frames=frames, pad_mode="none")
+
+
 def _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device: str, augment_on_gpu: bool):
-    """(F, H, W, 3) uint8 RGB frames `frames` of the encoded bytes, resized to height x width.
+    """(U, H, W, 3) uint8 RGB frames `frames` of the encoded bytes, resized to height x width.
 
     Samples already of that size skip the resize (bilinear to the same size is the identity, and costs a full
     pass over the frames: about 10-20 % of the CPU pipeline for 340x256 Kinetics clips).
     """
-    video = fn.decoders.video(encoded, device=decode_device, frames=frames)
+    video = _decode(encoded, frames, decode_device)
     if augment_on_gpu and decode_device == "cpu":
         video = video.gpu()
     if needs_resize:
@@ -38,25 +51,42 @@ def _normalize(video, mirror, dtype):
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source, decode_device: str, augment_on_gpu: bool, crop_size: int, dtype, parallel: bool):
+def train_pipeline(source, decode_device: str, augment_on_gpu: bool, crop_size: int, dtype, parallel: bool,
+                   source_prefetch: int):
     """Short-side resize, RandomResizedCrop box, stretch to crop_size, flip; one box and one flip per sample."""
-    encoded, frames, height, width, needs_resize, box_start, box_shape, flip, label, video_idx = fn.external_source(
-        source=source, num_outputs=10, batch=True, batch_info=True, parallel=parallel)
+    encoded, frames, order, height, width, needs_resize, box_start, box_shape, flip, label, video_idx = (
+        fn.external_source(source=source, num_outputs=11, batch=True, batch_info=True, parallel=parallel,
+                           **_parallel_args(parallel, source_prefetch)))
     video = _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device, augment_on_gpu)
     video = fn.slice(video, start=box_start, shape=box_shape, axis_names="HW")
     video = _resize(video, crop_size, crop_size)
-    return _normalize(video, flip, dtype), label, video_idx
+    return fn.sequence_rearrange(_normalize(video, flip, dtype), new_order=order), label, video_idx
 
 
 @pipeline_def(enable_conditionals=True)
-def eval_pipeline(source, decode_device: str, augment_on_gpu: bool, num_crops: int, dtype, parallel: bool):
-    """Short-side resize, then `num_crops` fixed boxes (CenterCrop or ThreeCrop); one output per crop."""
-    encoded, frames, height, width, needs_resize, box_shape, label, video_idx, *box_starts = fn.external_source(
-        source=source, num_outputs=8 + num_crops, batch=True, batch_info=True, parallel=parallel)
+def eval_pipeline(source, decode_device: str, augment_on_gpu: bool, num_crops: int, dtype, parallel: bool,
+                  source_prefetch: int):
+    """Short-side resize, then `num_crops` fixed boxes (CenterCrop or ThreeCrop), joined crop-major."""
+    encoded, frames, order, height, width, needs_resize, box_shape, label, video_idx, *box_starts = (
+        fn.external_source(source=source, num_outputs=9 + num_crops, batch=True, batch_info=True,
+                           parallel=parallel, **_parallel_args(parallel, source_prefetch)))
     video = _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device, augment_on_gpu)
-    crops = [_normalize(fn.slice(video, start=start, shape=box_shape, axis_names="HW"), 0, dtype)
-             for start in box_starts]
-    return (label, video_idx, *crops)
+    crops = [fn.slice(video, start=start, shape=box_shape, axis_names="HW") for start in box_starts]
+    crops = fn.cat(*crops, axis=0) if num_crops > 1 else crops[0]  # (crops * U, h, w, 3)
+    return fn.sequence_rearrange(_normalize(crops, 0, dtype), new_order=order), label, video_idx
+
+
+@pipeline_def
+def decode_check_pipeline(decode_device: str):
+    """The decoder alone, fed one sample at a time: which video of a failed batch DALI cannot decode."""
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+    return _decode(encoded, frames, decode_device)
+
+
+def _parallel_args(parallel: bool, source_prefetch: int) -> dict:
+    """A parallel external source computes `source_prefetch` batches at once (one per worker), not DALI's one."""
+    return {"prefetch_queue_depth": source_prefetch} if parallel else {}
 
 
 DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}

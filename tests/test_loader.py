@@ -261,8 +261,9 @@ def test_a_video_that_breaks_decoding_is_named_and_left_out_next_time(tmp_path):
     cfg = data_config(write_list(tmp_path, [(good, 0), (bad, 0)]), val_crop=40)
     loader = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert len(loader.records) == 2  # probing reads packets only: the damage shows when decoding
-    with pytest.raises(LoaderError, match=r"bad\.webm: decoding fails after \d+ frames .*marked unreadable in "
-                                          r".*list\.txt\.probe\.json, so a rerun or --resume leaves it out"):
+    with pytest.raises(LoaderError, match=r"bad\.webm: DALI cannot decode it \(.*Invalid data.*\); marked "
+                                          r"unreadable in .*list\.txt\.probe\.json, so a rerun or --resume "
+                                          r"leaves it out"):
         list(loader)
     again = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert [r.path for r in again.records] == [str(good)] and again.skipped[0][0] == str(bad)
