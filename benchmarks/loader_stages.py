@@ -16,8 +16,9 @@ Differences between consecutive stages give each step's cost.
 --cut first times the GOP cut alone (segments.read_segment) on the clips the train sampler draws, twice: the
 fast path (`cut`: packet table, Matroska written in Python) and the PyAV remux fallback (`cut_pyav`, the same
 videos without their packet table), then the source stage, and no DALI stage. It needs no decoder, so it also
-runs on H.264 sets (cut stage only: BatchSource serves a CPU loader, which refuses H.264). The clip set is --list/--root, or one from the clip-set flags (benchmarks/clip_sets.py:
---codec, --gop, --num-videos, --frames, --data-dir), or the config's train list.
+runs on H.264 sets (cut stage only: BatchSource serves a CPU loader, which refuses H.264). The clip set is
+--list/--root, or one from the clip-set flags (benchmarks/clip_sets.py: --codec, --gop, --num-videos, --frames,
+--data-dir), or the config's train list.
 Each record gives clips/s, CPU cores busy and CPU ms per clip (the cost, which other load hardly changes), the
 frames the decoder has to decode per clip (from the keyframe before the first sampled frame to the last one) and
 per delivered frame (that over the clip's sampled frames). --profile adds the source's top functions by
@@ -121,14 +122,15 @@ class CachedSource:
 
 
 def partial_pipeline(source, batch_size: int, num_threads: int, resize: bool):
-    """Decode only, or decode and the short-side resize, on (encoded, frames, height, width) from `source`."""
+    """Decode only, or decode and the short-side resize, of the distinct frames (BatchSource's columns encoded,
+    frames, height, width)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=2)
     def graph():
-        encoded, frames, height, width = fn.external_source(source=lambda info: source(info)[:4], num_outputs=4,
-                                                            batch=True, batch_info=True)
-        video = fn.decoders.video(encoded, device="cpu", frames=frames)
+        encoded, frames, height, width = fn.external_source(source=lambda info: [source(info)[k] for k in (0, 1, 3, 4)],
+                                                            num_outputs=4, batch=True, batch_info=True)
+        video = fn.decoders.video(encoded, device="cpu", frames=frames, pad_mode="none")
         if resize:  # as pipelines._resize
             video = fn.resize(video, resize_y=height, resize_x=width, interp_type=types.INTERP_LINEAR,
                               antialias=False)
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         step_ms.append((time.perf_counter() - step_start) * 1e3)
     cpu_s = cpu_seconds_of_tree() - cpu_before
     decoded = [int(frames.max()) + 1 for batch_columns in batches for frames in batch_columns[1]]  # base..last
-    delivered = [frames.size for batch_columns in batches for frames in batch_columns[1]]
+    delivered = [order.size for batch_columns in batches for order in batch_columns[2]]  # frames the views get
     stats = dict(frames_decoded_per_clip=round(float(np.mean(decoded)), 1),
                  decoded_per_delivered_frame=round(sum(decoded) / sum(delivered), 2), codec=codec, gop=gop,
                  encoded_kib_per_clip=round(float(np.mean([e.nbytes for b in batches for e in b[0]])) / 1024, 1))
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             "decode_resize": partial_pipeline(cached, batch, threads, resize=True),
             "graph": train_pipeline(source=cached, decode_device="cpu", augment_on_gpu=False,
                                     crop_size=cfg.data.train_crop, dtype=DALI_DTYPES["float32"], parallel=False,
-                                    batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2,
-                                    seed=cfg.train.seed),
+                                    source_prefetch=1, batch_size=batch, num_threads=threads, device_id=None,
+                                    prefetch_queue_depth=2, seed=cfg.train.seed),
         }
         for stage, pipe in pipes.items():
             step_ms, cpu_s = time_pipeline(pipe, args.warmup, args.steps)

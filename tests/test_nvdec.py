@@ -115,3 +115,72 @@ def test_real_probed_clips_are_planned(videos, h264_k400_size):
     on_cpu, line = plan_decoding(paths, infos, "auto", HOPPER, CPU_CODECS)
     assert on_cpu == [True, False, False] and line.startswith("1 of 3 videos")
     assert np.array(on_cpu).sum() == 1
+
+
+def run_graph(spec, mode, routed, batch_size):
+    """One batch (batch 0 of epoch 0) of the real train/eval graph on the CPU, from a BatchSource over `spec`."""
+    from dali_pipes.loader import BatchSource
+    from dali_pipes.pipelines import DALI_DTYPES, eval_pipeline, train_pipeline
+
+    common = dict(source=BatchSource(spec, 0, 0), decode_device="cpu", augment_on_gpu=False,
+                  dtype=DALI_DTYPES["float32"], parallel=False, source_prefetch=1, routed=routed,
+                  batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1, seed=0)
+    if mode == "train":
+        pipe = train_pipeline(crop_size=spec.crop_size, **common)
+    else:
+        pipe = eval_pipeline(num_crops=spec.num_crops, **common)
+    pipe.build()
+    clips, labels, video_idx = pipe.run()
+    return [np.array(clips[k]) for k in range(batch_size)], np.array(video_idx.as_tensor()).reshape(-1)
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+@pytest.mark.parametrize("route", [(True, False, True, False), (True,) * 4, (False,) * 4])
+def test_routed_samples_are_decoded_in_their_branch_and_merged_in_order(videos, tmp_path, mode, route):
+    """Both branches of the routing conditional run (on the CPU here both decode with DALI's CPU decoder) and
+    merge back in sample order: the batch equals the unrouted graph's, for mixed and one-sided batches."""
+    import dataclasses
+
+    from dali_pipes.loader import BatchSource, VideoLoader
+    from test_loader import data_config, write_list
+
+    names = ["long_webm", "short", "portrait", "default_gop"]
+    list_file = write_list(tmp_path, [(videos[n], k) for k, n in enumerate(names)])
+    loader = VideoLoader(data_config(list_file), mode, batch_size=4, num_classes=4, views=(2, 1))
+    assert loader.spec.decode_on_cpu is None  # the CPU loader routes nothing
+    routed_spec = dataclasses.replace(loader.spec, decode_on_cpu=route)
+    source = BatchSource(routed_spec, 0, 0)
+    flags = [bool(source.sample(k, 0)[-1]) for k in range(4)]
+    assert flags == list(route)  # the source's last column is the video's flag
+    plain, plain_idx = run_graph(loader.spec, mode, False, 4)
+    routed, routed_idx = run_graph(routed_spec, mode, True, 4)
+    assert routed_idx.tolist() == plain_idx.tolist()
+    assert len(set(plain_idx.tolist())) == 4  # four different videos: a swap in the merge would show
+    for got, expected in zip(routed, plain):
+        assert np.array_equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_decodes_small_vp9_on_the_cpu_and_gpu_refuses_it(videos, h264_k400_size, tmp_path, caplog):
+    """64x48 VP9 is below NVDEC's minimum: auto routes it to the CPU decoder (and says so), NVDEC takes the
+    256x192 H.264; data.decode_device=gpu stops at start-up with one line."""
+    import logging
+
+    import torch
+
+    from dali_pipes.loader import LoaderError, VideoLoader
+    from test_loader import data_config, frame_indices, write_list
+
+    list_file = write_list(tmp_path, [(videos["long_webm"], 0), (h264_k400_size, 1)])
+    with caplog.at_level(logging.INFO, logger="dali_pipes.loader"):
+        loader = VideoLoader(data_config(list_file, decode_device="auto", clip_len=4, frame_interval=1), "val",
+                             batch_size=2, num_classes=2, device_id=0)
+    assert loader.spec.decode_on_cpu == (True, False)
+    assert "1 of 2 videos are decoded by DALI's CPU decoder" in caplog.text
+    batch = next(iter(loader))
+    assert batch.clips.is_cuda and batch.clips.shape[0] == 2
+    assert frame_indices(batch.clips.cpu()).shape == (2, 4)
+    with pytest.raises(LoaderError, match=r"1 of 2 videos cannot be decoded by NVDEC on this .* GPU \(.*long\.webm: "
+                                          r"64x48 is smaller than NVDEC's vp9 minimum 128x128\)"):
+        VideoLoader(data_config(list_file, decode_device="gpu"), "val", batch_size=2, num_classes=2, device_id=0)
+    assert torch.cuda.is_available()
