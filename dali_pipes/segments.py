@@ -23,7 +23,6 @@ import base64
 import bisect
 import io
 import os
-import struct
 from pathlib import Path
 
 import av
@@ -37,6 +36,7 @@ _MUXERS = {"matroska,webm": "matroska", "mov,mp4,m4a,3gp,3g2,mj2": "mp4", "avi":
 # order); DALI's `frames` are indices into it, so the real frame rate does not matter here.
 _TICK_NS = 33_333_333
 _BLOCKS_PER_CLUSTER = 1024  # SimpleBlock timecodes are int16 relative to their Cluster's: 1024 frames stay far below
+_BLOCK_HEAD = np.dtype([("id", "u1"), ("size", ">u4"), ("track", "u1"), ("time", ">i2"), ("flags", "u1")])  # packed
 
 
 def segment_bounds(info: VideoInfo, first_frame: int, last_frame: int) -> tuple[int, int]:
@@ -74,21 +74,27 @@ def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int) -> by
         raise OSError(f"{path}: file shorter than its probe says ({low + len(data)} of {high} bytes); "
                       f"delete {path}'s entry from the probe cache or the cache itself to probe it again")
     view = memoryview(data)
-    keyframes = set(info.keyframes[bisect.bisect_left(info.keyframes, start):bisect.bisect_left(info.keyframes, stop)])
-    offsets = (offsets - low).tolist()
-    sizes, display = sizes.tolist(), display.tolist()
-    out = [_header(info)]
-    for first in range(0, stop - start, _BLOCKS_PER_CLUSTER):
-        chunk = range(first, min(first + _BLOCKS_PER_CLUSTER, stop - start))
-        cluster_time = min(display[i] for i in chunk)
-        body = [_element(b"\xe7", _uint(cluster_time))]
-        for i in chunk:
-            flags = 0x80 if start + i in keyframes else 0x00
-            block_head = b"\x81" + struct.pack(">hB", display[i] - cluster_time, flags)  # track 1, time, flags
-            body.append(b"\xa3" + _size(len(block_head) + sizes[i]) + block_head)
-            body.append(view[offsets[i]:offsets[i] + sizes[i]])
-        body = b"".join(body)
-        out.append(b"\x1f\x43\xb6\x75" + _size(len(body)) + body)
+    count = stop - start
+    firsts = np.arange(0, count, _BLOCKS_PER_CLUSTER)  # first block of each Cluster
+    cluster_times = np.minimum.reduceat(display, firsts)
+    # All SimpleBlock headers at once: ID, size as a 4-byte EBML number (a valid, if not the shortest, coding;
+    # up to 2**28 - 2 bytes), track 1, timecode relative to the Cluster's, flags (0x80: keyframe).
+    heads = np.zeros(count, _BLOCK_HEAD)
+    heads["id"], heads["size"], heads["track"] = 0xA3, (1 << 28) | (sizes + 4), 0x81
+    heads["time"] = display - np.repeat(cluster_times, np.diff(np.append(firsts, count)))
+    positions = np.arange(start, stop)
+    clean = np.take(info.keyframes, np.searchsorted(info.keyframes, positions), mode="clip") == positions
+    heads["flags"] = np.where(clean, 0x80, 0)
+    heads = memoryview(heads.tobytes())
+    block_bytes = np.cumsum(np.concatenate([[0], sizes + 9]))  # bytes of blocks 0..i-1
+    offsets, sizes = (offsets - low).tolist(), sizes.tolist()
+    out = [_header(info)]  # pieces joined once at the end: the packets' bytes are copied once
+    for first, cluster_time in zip(firsts.tolist(), cluster_times.tolist()):
+        last = min(first + _BLOCKS_PER_CLUSTER, count)
+        timecode = _element(b"\xe7", _uint(cluster_time))
+        out += (b"\x1f\x43\xb6\x75", _size(len(timecode) + int(block_bytes[last] - block_bytes[first])), timecode)
+        for i in range(first, last):
+            out += (heads[9 * i:9 * i + 9], view[offsets[i]:offsets[i] + sizes[i]])
     return b"".join(out)
 
 
