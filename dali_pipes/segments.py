@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import io
 import os
 from pathlib import Path
@@ -88,7 +89,7 @@ def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int) -> by
     heads = memoryview(heads.tobytes())
     block_bytes = np.cumsum(np.concatenate([[0], sizes + 9]))  # bytes of blocks 0..i-1
     offsets, sizes = (offsets - low).tolist(), sizes.tolist()
-    out = [_header(info)]  # pieces joined once at the end: the packets' bytes are copied once
+    out = [_header(info.codec, info.extradata, info.width, info.height)]  # joined once: packets copied once
     for first, cluster_time in zip(firsts.tolist(), cluster_times.tolist()):
         last = min(first + _BLOCKS_PER_CLUSTER, count)
         timecode = _element(b"\xe7", _uint(cluster_time))
@@ -98,8 +99,10 @@ def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int) -> by
     return b"".join(out)
 
 
-def _header(info: VideoInfo) -> bytes:
-    """EBML header, Segment (unknown size), Info and Tracks of a one-video-track Matroska file."""
+@functools.lru_cache(maxsize=256)
+def _header(codec: str, extradata: str, width: int, height: int) -> bytes:
+    """EBML header, Segment (unknown size), Info and Tracks of a one-video-track Matroska file (cached: a data set
+    has few distinct ones)."""
     ebml = _element(b"\x1a\x45\xdf\xa3", b"".join([
         _element(b"\x42\x86", _uint(1)), _element(b"\x42\xf7", _uint(1)),  # EBMLVersion, EBMLReadVersion
         _element(b"\x42\xf2", _uint(4)), _element(b"\x42\xf3", _uint(8)),  # EBMLMaxIDLength, EBMLMaxSizeLength
@@ -111,11 +114,11 @@ def _header(info: VideoInfo) -> bytes:
     entry = [
         _element(b"\xd7", _uint(1)), _element(b"\x73\xc5", _uint(1)),  # TrackNumber, TrackUID
         _element(b"\x83", _uint(1)), _element(b"\x9c", _uint(0)),  # TrackType video, FlagLacing off
-        _element(b"\x86", MATROSKA_CODECS[info.codec].encode()),  # CodecID
+        _element(b"\x86", MATROSKA_CODECS[codec].encode()),  # CodecID
     ]
-    if info.extradata:
-        entry.append(_element(b"\x63\xa2", base64.b64decode(info.extradata)))  # CodecPrivate (avcC, hvcC, av1C)
-    entry.append(_element(b"\xe0", _element(b"\xb0", _uint(info.width)) + _element(b"\xba", _uint(info.height))))
+    if extradata:
+        entry.append(_element(b"\x63\xa2", base64.b64decode(extradata)))  # CodecPrivate (avcC, hvcC, av1C)
+    entry.append(_element(b"\xe0", _element(b"\xb0", _uint(width)) + _element(b"\xba", _uint(height))))
     tracks = _element(b"\x16\x54\xae\x6b", _element(b"\xae", b"".join(entry)))
     return ebml + segment + segment_info + tracks
 

@@ -114,7 +114,6 @@ def test_real_probed_clips_are_planned(videos, h264_k400_size):
     infos = [probe_video(p) for p in paths]
     on_cpu, line = plan_decoding(paths, infos, "auto", HOPPER, CPU_CODECS)
     assert on_cpu == [True, False, False] and line.startswith("1 of 3 videos")
-    assert np.array(on_cpu).sum() == 1
 
 
 def run_graph(spec, mode, routed, batch_size):
@@ -166,8 +165,6 @@ def test_on_a_gpu_auto_decodes_small_vp9_on_the_cpu_and_gpu_refuses_it(videos, h
     256x192 H.264; data.decode_device=gpu stops at start-up with one line."""
     import logging
 
-    import torch
-
     from dali_pipes.loader import LoaderError, VideoLoader
     from test_loader import data_config, frame_indices, write_list
 
@@ -183,4 +180,3 @@ def test_on_a_gpu_auto_decodes_small_vp9_on_the_cpu_and_gpu_refuses_it(videos, h
     with pytest.raises(LoaderError, match=r"1 of 2 videos cannot be decoded by NVDEC on this .* GPU \(.*long\.webm: "
                                           r"64x48 is smaller than NVDEC's vp9 minimum 128x128\)"):
         VideoLoader(data_config(list_file, decode_device="gpu"), "val", batch_size=2, num_classes=2, device_id=0)
-    assert torch.cuda.is_available()
