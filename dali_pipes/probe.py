@@ -170,15 +170,18 @@ def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_wor
     `progress(done, total)`, when given, is called after each video that had to be probed.
     """
     cache = _read_cache(cache_file) if cache_file else {}
-    stats, todo, malformed = {}, [], []
+    stats, todo, malformed, results = {}, [], [], {}
     for path in dict.fromkeys(paths):
         stat = _file_stat(path)
         stats[path] = stat
         entry = cache.get(path)
-        if entry is not None and _entry_result(entry) is None:
+        result = None if entry is None else _entry_result(entry)
+        if entry is not None and result is None:
             malformed.append(path)
-        if entry is None or entry.get("stat") != stat or path in malformed[-1:]:
+        if result is None or entry.get("stat") != stat:
             todo.append(path)
+        else:
+            results[path] = result
     if malformed:
         LOG.warning("%s: %d malformed probe cache entries (first: %s); probing them again", cache_file,
                     len(malformed), malformed[0])
@@ -194,7 +197,7 @@ def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_wor
             _write_cache(cache_file, cache)
     infos, failures = {}, {}
     for path in stats:
-        result = _entry_result(cache[path])
+        result = results[path] if path in results else _entry_result(cache[path])
         if isinstance(result, str):
             failures[path] = result
         else:
