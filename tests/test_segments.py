@@ -135,3 +135,37 @@ def test_the_decoder_returns_the_last_counted_frame(videos, decoder):
         info = probe_video(videos[name])
         last = decoder(np.fromfile(videos[name], np.uint8), [info.num_frames - 1])
         assert read_index(last[0]) == info.num_frames - 1, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_nvdec_decodes_fast_cuts_to_the_frames_of_the_whole_file(tmp_path, codec):
+    """The Matroska cuts as NVDEC (DALI's mixed decoder) gets them: H.264 with B-frames from MP4 (avcC as
+    CodecPrivate) and VP9 from WebM, at a size NVDEC takes (VP9: at least 128x128)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0, prefetch_queue_depth=1)
+    def gpu_decode():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+        return fn.decoders.video(encoded, device="mixed", frames=frames, pad_mode="none")
+
+    pipe = gpu_decode()
+    pipe.build()
+
+    def decode(data, frames):
+        pipe.feed_input("encoded", [data])
+        pipe.feed_input("frames", [np.asarray(frames, np.int32)])
+        (out,) = pipe.run()
+        return np.array(out.as_cpu()[0])
+
+    suffix = "mp4" if codec == "h264" else "webm"
+    path = write_video(tmp_path / f"clip.{suffix}", k400like_frames(np.random.default_rng(1), 48, 128, 160),
+                       codec=codec, gop=16)
+    info = probe_video(path)
+    assert info.packets
+    for first, last in [(16, 20), (33, 47)]:
+        wanted = np.arange(first, last + 1)
+        encoded, base = read_segment(path, info, first, last)
+        assert encoded[:4].tobytes() == b"\x1a\x45\xdf\xa3"
+        assert np.array_equal(decode(encoded, wanted - base), decode(np.fromfile(path, np.uint8), wanted))
