@@ -35,6 +35,7 @@ import torch
 from config import DataConfig
 from dali_pipes import geometry, sampling
 from dali_pipes.lists import ListError, VideoRecord, read_video_list
+from dali_pipes.nvdec import RoutingError, plan_decoding
 from dali_pipes.pipelines import DALI_DTYPES, decode_check_pipeline, eval_pipeline, train_pipeline
 from dali_pipes.probe import CPU_CODECS, VideoInfo, decode_error, mark_unreadable, probe_videos
 from dali_pipes.segments import read_segment
@@ -73,6 +74,7 @@ class SourceSpec:
     batch_size: int
     shard_id: int
     num_shards: int
+    decode_on_cpu: tuple[bool, ...] | None = None  # per video, when NVDEC refuses some (nvdec.plan_decoding)
 
 
 class BatchSource:
@@ -133,14 +135,20 @@ class BatchSource:
             y, x, h, w = geometry.random_resized_crop_box(height, width, rng)
             flip = np.array(rng.random() < 0.5, np.int32)
             return (encoded, decode, order, *resize, np.array([y, x], np.int32),
-                    np.array([h, w], np.int32), flip, label, video_idx)
+                    np.array([h, w], np.int32), flip, label, video_idx, *self._route(index))
         if s.num_crops == 3:
             boxes = geometry.three_crop_boxes(height, width, s.crop_size)
         else:
             boxes = [geometry.center_crop_box(height, width, s.crop_size)]
         starts = [np.array(box[:2], np.int32) for box in boxes]
         return (encoded, decode, order, *resize, np.array([s.crop_size] * 2, np.int32),
-                label, video_idx, *starts)
+                label, video_idx, *starts, *self._route(index))
+
+    def _route(self, index: int) -> tuple:
+        """The pipeline's last column when videos are routed: whether this one is decoded on the CPU."""
+        if self.spec.decode_on_cpu is None:
+            return ()
+        return (np.array(self.spec.decode_on_cpu[index], np.bool_),)
 
 
 def shard_size(spec: SourceSpec) -> int:
@@ -194,15 +202,26 @@ class VideoLoader:
         root = {"train": data_cfg.root, "val": data_cfg.val_root, "test": data_cfg.test_root}[mode] or data_cfg.root
         self.records, self.skipped, infos = probe_list(list_file, root, num_classes,
                                                        max(data_cfg.num_threads, 4))
+        decode_on_cpu = None
         if self.decode_device == "cpu":
             _check_cpu_codecs(self.records, infos)
+        else:  # NVDEC: decide now which videos it refuses, not mid-epoch
+            capability = torch.cuda.get_device_capability(device_id)
+            try:
+                on_cpu, note = plan_decoding([r.path for r in self.records], infos, data_cfg.decode_device,
+                                             capability, CPU_CODECS)
+            except RoutingError as e:
+                raise LoaderError(f"{list_file}: {e}") from e
+            if note is not None:
+                LOG.info("%s: %s", list_file, note)
+                decode_on_cpu = tuple(on_cpu)
         crop_size = {"train": data_cfg.train_crop, "val": data_cfg.val_crop, "test": data_cfg.test_crop}[mode]
         self.spec = SourceSpec(
             mode=mode, paths=tuple(r.path for r in self.records), labels=tuple(r.label for r in self.records),
             num_frames=tuple(r.num_frames for r in self.records), infos=tuple(infos),
             clip_len=data_cfg.clip_len, frame_interval=data_cfg.frame_interval, num_clips=num_clips,
             num_crops=num_crops, short_side=data_cfg.short_side, crop_size=crop_size, seed=seed,
-            batch_size=batch_size, shard_id=shard_id, num_shards=num_shards)
+            batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, decode_on_cpu=decode_on_cpu)
         self._epoch, self._start_batch = 0, 0
         self._iterators: list | None = None  # one DALIGenericIterator per pipeline; batch k comes from k mod P
         self._next_dali_epoch = None  # the training epoch the iterator's next DALI epoch stands for
@@ -268,10 +287,15 @@ class VideoLoader:
         in_flight = list(dict.fromkeys(int(i) for i in shard[begin:begin + window]))
         dali_error = _dali_reason(error)
         source = BatchSource(self.spec, epoch, 0)
-        pipe = decode_check_pipeline(decode_device=self.decode_device, batch_size=1, num_threads=1,
-                                     device_id=self.device_id, prefetch_queue_depth=1)
-        pipe.build()  # reused while it decodes: DALI invalidates a pipeline only when it fails
+        pipes = {}  # one per decoder device, reused while it decodes: DALI invalidates a pipeline only when it fails
         for index in in_flight:
+            on_cpu = self.spec.decode_on_cpu is not None and self.spec.decode_on_cpu[index]  # routed (nvdec.py)
+            device = "cpu" if on_cpu else self.decode_device
+            if device not in pipes:
+                pipes[device] = decode_check_pipeline(decode_device=device, batch_size=1, num_threads=1,
+                                                      device_id=self.device_id, prefetch_queue_depth=1)
+                pipes[device].build()
+            pipe = pipes[device]
             encoded, frames = source.sample(index, epoch)[:2]  # the decoder's inputs, as the batch had them
             pipe.feed_input("encoded", [encoded])
             pipe.feed_input("frames", [frames])
@@ -304,7 +328,8 @@ class VideoLoader:
         common = dict(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=self.prefetch, seed=self.spec.seed, decode_device=self.decode_device,
                       augment_on_gpu=self.augment_on_gpu, dtype=DALI_DTYPES["float16" if half else "float32"],
-                      parallel=self.source_workers > 0, source_prefetch=max(1, self.source_workers))
+                      parallel=self.source_workers > 0, source_prefetch=max(1, self.source_workers),
+                      routed=self.spec.decode_on_cpu is not None)
         if self.source_workers > 0:
             common.update(py_num_workers=self.source_workers, py_start_method="spawn")
         iterators = []

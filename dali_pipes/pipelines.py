@@ -27,15 +27,35 @@ def _decode(encoded, frames, decode_device: str):
     return fn.decoders.video(encoded, device=decode_device, frames=frames, pad_mode="none")
 
 
-def _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device: str, augment_on_gpu: bool):
+def _decode_routed(encoded, frames, decode_device: str, augment_on_gpu: bool, decode_on_cpu):
+    """_decode, but samples whose `decode_on_cpu` is set go to DALI's CPU decoder (videos NVDEC refuses, see
+    nvdec.py), the others to `decode_device`; the branches' frames are moved to one device and merged in sample
+    order (DALI conditionals: each branch runs only on its samples)."""
+    if decode_on_cpu:
+        video = _decode(encoded, frames, "cpu")
+        if augment_on_gpu:
+            video = video.gpu()
+    else:
+        video = _decode(encoded, frames, decode_device)
+        if augment_on_gpu and decode_device == "cpu":
+            video = video.gpu()
+    return video
+
+
+def _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device: str, augment_on_gpu: bool,
+                       decode_on_cpu=None):
     """(U, H, W, 3) uint8 RGB frames `frames` of the encoded bytes, resized to height x width.
 
     Samples already of that size skip the resize (bilinear to the same size is the identity, and costs a full
     pass over the frames: about 10-20 % of the CPU pipeline for 340x256 Kinetics clips).
+    `decode_on_cpu` (a per-sample boolean, or None): route samples to DALI's CPU decoder, see _decode_routed.
     """
-    video = _decode(encoded, frames, decode_device)
-    if augment_on_gpu and decode_device == "cpu":
-        video = video.gpu()
+    if decode_on_cpu is not None:
+        video = _decode_routed(encoded, frames, decode_device, augment_on_gpu, decode_on_cpu)
+    else:
+        video = _decode(encoded, frames, decode_device)
+        if augment_on_gpu and decode_device == "cpu":
+            video = video.gpu()
     if needs_resize:
         video = _resize(video, height, width)
     return video
@@ -52,12 +72,15 @@ def _normalize(video, mirror, dtype):
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source, decode_device: str, augment_on_gpu: bool, crop_size: int, dtype, parallel: bool,
-                   source_prefetch: int = 1):
-    """Short-side resize, RandomResizedCrop box, stretch to crop_size, flip; one box and one flip per sample."""
-    encoded, frames, order, height, width, needs_resize, box_start, box_shape, flip, label, video_idx = (
-        fn.external_source(source=source, num_outputs=11, batch=True, batch_info=True, parallel=parallel,
+                   source_prefetch: int = 1, routed: bool = False):
+    """Short-side resize, RandomResizedCrop box, stretch to crop_size, flip; one box and one flip per sample.
+
+    `routed`: the source's last column says per sample whether to decode on the CPU (_decode_routed)."""
+    encoded, frames, order, height, width, needs_resize, box_start, box_shape, flip, label, video_idx, *route = (
+        fn.external_source(source=source, num_outputs=11 + routed, batch=True, batch_info=True, parallel=parallel,
                            **_parallel_args(parallel, source_prefetch)))
-    video = _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device, augment_on_gpu)
+    video = _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device, augment_on_gpu,
+                               route[0] if routed else None)
     video = fn.slice(video, start=box_start, shape=box_shape, axis_names="HW")
     video = _resize(video, crop_size, crop_size)
     return _normalize(fn.sequence_rearrange(video, new_order=order), flip, dtype), label, video_idx
@@ -65,12 +88,15 @@ def train_pipeline(source, decode_device: str, augment_on_gpu: bool, crop_size: 
 
 @pipeline_def(enable_conditionals=True)
 def eval_pipeline(source, decode_device: str, augment_on_gpu: bool, num_crops: int, dtype, parallel: bool,
-                  source_prefetch: int = 1):
-    """Short-side resize, then `num_crops` fixed boxes (CenterCrop or ThreeCrop), joined crop-major."""
+                  source_prefetch: int = 1, routed: bool = False):
+    """Short-side resize, then `num_crops` fixed boxes (CenterCrop or ThreeCrop), joined crop-major.
+
+    `routed`: the source's last column says per sample whether to decode on the CPU (_decode_routed)."""
     encoded, frames, order, height, width, needs_resize, box_shape, label, video_idx, *box_starts = (
-        fn.external_source(source=source, num_outputs=9 + num_crops, batch=True, batch_info=True,
+        fn.external_source(source=source, num_outputs=9 + num_crops + routed, batch=True, batch_info=True,
                            parallel=parallel, **_parallel_args(parallel, source_prefetch)))
-    video = _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device, augment_on_gpu)
+    route = box_starts.pop() if routed else None
+    video = _decode_and_resize(encoded, frames, height, width, needs_resize, decode_device, augment_on_gpu, route)
     crops = [fn.slice(video, start=start, shape=box_shape, axis_names="HW") for start in box_starts]
     crops = fn.cat(*crops, axis=0) if num_crops > 1 else crops[0]  # (crops * U, h, w, 3)
     return _normalize(fn.sequence_rearrange(crops, new_order=order), 0, dtype), label, video_idx

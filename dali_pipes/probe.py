@@ -7,27 +7,42 @@ For each video we demux the packets of its first video stream (PyAV; no pixel is
 - `keyframes`: display indices of the clean seek points, i.e. keyframes from which decoding yields exactly the
   frames that follow them in display order (no leading pictures that reference the previous GOP). A clip is
   decoded from the clean keyframe at or before its first frame (see segments.py).
-- codec, width, height, container format.
+- codec, profile, pixel format (bit depth and chroma subsampling), width, height, container format: what
+  NVDEC's limits are checked against (nvdec.py).
+- `packets`: the packet table segments.py cuts with — each packet's byte offset and size in the file and its
+  display index, in decode order — when every packet lies verbatim in the file and Matroska can carry the codec
+  (else empty, and segments.py remuxes with PyAV). Stored compactly: the three int arrays (sizes, the gaps between
+  one packet's end and the next one's start, display minus decode index), zlib-compressed and base64-encoded;
+  about 0.4-0.6 kB per 300-frame video. `extradata`: the codec's configuration record (avcC/hvcC/av1C), base64.
 
 Results (and failures, with the reason) are cached in `<list file>.probe.json`, keyed by path and re-probed when a
-file's size or mtime changes. Probing runs on a thread pool: PyAV releases the GIL while it reads.
+file's size or mtime changes; a cache of another CACHE_VERSION, or one that cannot be parsed, is probed again
+with a warning. Probing runs on a thread pool: PyAV releases the GIL while it reads.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import av
+import numpy as np
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: packet table, extradata, profile, pix_fmt
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder (PyPI build) accepts
+# FFmpeg codec name -> Matroska CodecID, for the codecs whose packets segments.py rewraps without changing them
+MATROSKA_CODECS = {"vp8": "V_VP8", "vp9": "V_VP9", "av1": "V_AV1", "mjpeg": "V_MJPEG",
+                   "h264": "V_MPEG4/ISO/AVC", "hevc": "V_MPEGH/ISO/HEVC"}
+# Codecs whose Matroska form needs the configuration record (length-prefixed NAL units, not Annex B start codes)
+_NEEDS_EXTRADATA = {"h264": 1, "hevc": 1, "av1": 0x81}  # codec -> first byte of avcC / hvcC / av1C
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,10 @@ class VideoInfo:
     width: int  # coded frame width in pixels
     height: int  # coded frame height in pixels
     container: str  # FFmpeg demuxer name, e.g. 'matroska,webm' or 'mov,mp4,m4a,3gp,3g2,mj2'
+    profile: str = ""  # FFmpeg profile name, e.g. 'High', 'Main 10', 'Profile 0' ('' when unknown)
+    pix_fmt: str = ""  # FFmpeg pixel format, e.g. 'yuv420p', 'yuv420p10le', 'yuvj422p' ('' when unknown)
+    packets: str = ""  # packet table (pack_packets), '' when segments.py must remux with PyAV
+    extradata: str = ""  # codec configuration record, base64 ('' when none)
 
 
 class ProbeError(ValueError):
@@ -51,15 +70,22 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise ProbeError("no such file")
     if path.stat().st_size == 0:
         raise ProbeError("empty file (0 bytes)")
+    blob = path.read_bytes()  # to find each packet's bytes in (a K400 video: 1-3 MB)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ProbeError("no video stream (audio only?)")
             stream = container.streams.video[0]
-            packets = [(p.pts if p.pts is not None else p.dts, bool(p.is_keyframe))
-                       for p in container.demux(stream) if p.size > 0]
             codec = stream.codec_context.name
+            # (pts, is_keyframe) and (byte offset in the file or -1, size) per packet, decode order
+            packets, places = [], []
+            for p in container.demux(stream):
+                if p.size > 0:
+                    packets.append((p.pts if p.pts is not None else p.dts, bool(p.is_keyframe)))
+                    places.append((_locate(blob, p), p.size))
             width, height = stream.codec_context.width, stream.codec_context.height
+            profile, pix_fmt = stream.codec_context.profile or "", stream.codec_context.pix_fmt or ""
+            extradata = stream.codec_context.extradata or b""
             container_name = container.format.name
     except av.FFmpegError as e:
         raise ProbeError(f"cannot be read ({' '.join(str(e).split())})") from e
@@ -69,14 +95,60 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise ProbeError("video packets without timestamps")
     if width <= 0 or height <= 0:
         raise ProbeError(f"invalid frame size {width}x{height}")
-    return VideoInfo(len(packets), clean_keyframes(packets), codec, width, height, container_name)
+    table = ""
+    if codec in MATROSKA_CODECS and all(offset >= 0 for offset, _ in places) and (
+            codec not in _NEEDS_EXTRADATA or extradata[:1] == bytes([_NEEDS_EXTRADATA[codec]])):
+        table = pack_packets([o for o, _ in places], [s for _, s in places], display_order(packets))
+    return VideoInfo(len(packets), clean_keyframes(packets), codec, width, height, container_name,
+                     str(profile), str(pix_fmt), table, base64.b64encode(extradata).decode() if table else "")
+
+
+def _locate(blob: bytes, packet: av.Packet) -> int:
+    """Byte offset of the packet's data in the file, or -1 when it is not stored there verbatim.
+
+    `packet.pos` is where the demuxer read it: the data itself in MP4, the block header before it in Matroska
+    (a few bytes earlier), unknown (-1) in some formats.
+    """
+    if packet.pos is None or packet.pos < 0:
+        return -1
+    data = bytes(packet)
+    return blob.find(data, packet.pos, packet.pos + len(data) + 32)
+
+
+def display_order(packets: list[tuple[int, bool]]) -> list[int]:
+    """Display index of each packet (decode order in, as `clean_keyframes` takes them)."""
+    rank = [0] * len(packets)
+    for display, decode_pos in enumerate(sorted(range(len(packets)), key=lambda i: packets[i][0])):
+        rank[decode_pos] = display
+    return rank
+
+
+def pack_packets(offsets: list[int], sizes: list[int], display: list[int]) -> str:
+    """The packet table as compact text: sizes, gaps (offset minus the previous packet's end) and display minus
+    decode index, as int64 arrays, byte planes apart (all lowest bytes, then all second bytes, ...: mostly
+    zeros), zlib-compressed, base64. About 0.75 kB for a 300-frame 340x256 clip, 1.4 kB unshuffled int64."""
+    offsets, sizes = np.asarray(offsets, np.int64), np.asarray(sizes, np.int64)
+    gaps = np.diff(offsets, prepend=0) - np.concatenate([[0], sizes[:-1]])
+    shifts = np.asarray(display, np.int64) - np.arange(len(display))
+    planes = np.concatenate([sizes, gaps, shifts]).astype("<i8").view(np.uint8).reshape(-1, 8).T
+    return base64.b64encode(zlib.compress(planes.tobytes(), 9)).decode()
+
+
+def unpack_packets(table: str, num_packets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, sizes, display indices) int64 arrays of `num_packets` packets, decode order."""
+    planes = np.frombuffer(zlib.decompress(base64.b64decode(table)), np.uint8)
+    if planes.size != 3 * 8 * num_packets:
+        raise ValueError(f"packet table of {planes.size // 24} packets for a video of {num_packets}")
+    raw = planes.reshape(8, -1).T.copy().view("<i8").reshape(-1)
+    sizes, gaps, shifts = raw.reshape(3, num_packets)
+    offsets = np.cumsum(gaps + np.concatenate([[0], sizes[:-1]]))
+    return offsets, sizes, shifts + np.arange(num_packets)
 
 
 def clean_keyframes(packets: list[tuple[int, bool]]) -> tuple[int, ...]:
     """Display indices of keyframes K such that the packets from K on (decode order) are exactly the frames
     from K on (display order). `packets`: (pts, is_keyframe) in decode order."""
-    display_rank = {decode_pos: rank for rank, decode_pos in
-                    enumerate(sorted(range(len(packets)), key=lambda i: packets[i][0]))}
+    display_rank = display_order(packets)
     keyframes = [0]
     # The frames from decode position p on are the display suffix iff min display rank over [p, end) equals
     # the number of packets before p, i.e. no later packet is displayed before an earlier one across p.
@@ -98,13 +170,21 @@ def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_wor
     `progress(done, total)`, when given, is called after each video that had to be probed.
     """
     cache = _read_cache(cache_file) if cache_file else {}
-    stats, todo = {}, []
+    stats, todo, malformed, results = {}, [], [], {}
     for path in dict.fromkeys(paths):
         stat = _file_stat(path)
         stats[path] = stat
         entry = cache.get(path)
-        if entry is None or entry.get("stat") != stat:
+        result = None if entry is None else _entry_result(entry)
+        if entry is not None and result is None:
+            malformed.append(path)
+        if result is None or entry.get("stat") != stat:
             todo.append(path)
+        else:
+            results[path] = result
+    if malformed:
+        LOG.warning("%s: %d malformed probe cache entries (first: %s); probing them again", cache_file,
+                    len(malformed), malformed[0])
     if todo:
         LOG.info("probing %d of %d videos (frame counts and keyframes) with %d threads",
                  len(todo), len(stats), num_workers)
@@ -117,13 +197,24 @@ def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_wor
             _write_cache(cache_file, cache)
     infos, failures = {}, {}
     for path in stats:
-        entry = cache[path]
-        if "error" in entry:
-            failures[path] = entry["error"]
+        result = results[path] if path in results else _entry_result(cache[path])
+        if isinstance(result, str):
+            failures[path] = result
         else:
-            info = entry["info"]
-            infos[path] = VideoInfo(**{**info, "keyframes": tuple(info["keyframes"])})
+            infos[path] = result
     return infos, failures
+
+
+def _entry_result(entry) -> VideoInfo | str | None:
+    """A cache entry's VideoInfo or failure reason; None when the entry is malformed (edited, or written by
+    other code)."""
+    try:
+        if isinstance(entry.get("error"), str):
+            return entry["error"]
+        info = entry["info"]
+        return VideoInfo(**{**info, "keyframes": tuple(int(k) for k in info["keyframes"])})
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def decode_error(path: str | Path, num_frames: int) -> str | None:
@@ -170,7 +261,14 @@ def _read_cache(cache_file: str | Path) -> dict:
     except (OSError, ValueError) as e:
         LOG.warning("%s: unreadable probe cache (%s); probing again", cache_file, e)
         return {}
-    return data.get("videos", {}) if data.get("version") == CACHE_VERSION else {}
+    if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
+        LOG.warning("%s: not a probe cache (no 'videos' table); probing again", cache_file)
+        return {}
+    if data.get("version") != CACHE_VERSION:
+        LOG.warning("%s: probe cache of version %s, this code reads version %d; probing again", cache_file,
+                    data.get("version"), CACHE_VERSION)
+        return {}
+    return data["videos"]
 
 
 def _write_cache(cache_file: str | Path, cache: dict) -> None:

@@ -3,11 +3,15 @@
 import json
 import os
 
+import logging
+
 import av
+import numpy as np
 import pytest
 
-from dali_pipes.probe import ProbeError, clean_keyframes, probe_video, probe_videos
-from media_helpers import write_audio_only
+from dali_pipes.probe import CACHE_VERSION, ProbeError, clean_keyframes, probe_video, probe_videos, unpack_packets
+from media_helpers import CpuDecoder, write_audio_only
+from tools.make_synthetic import read_index
 
 
 def decoded_frame_count(path):
@@ -58,10 +62,30 @@ def test_unusable_files_raise_with_a_reason(tmp_path):
 
 
 def test_truncated_file_is_probed_to_what_remains(videos, tmp_path):
+    """The probe counts exactly the frames the decoders return: PyAV's count, and DALI's last frame is the last
+    counted one (one more index would be past the end)."""
     data = videos["long_webm"].read_bytes()
     (tmp_path / "cut.webm").write_bytes(data[: len(data) // 2])
     info = probe_video(tmp_path / "cut.webm")
     assert 0 < info.num_frames < 300
+    assert info.num_frames == decoded_frame_count(tmp_path / "cut.webm")
+    last = CpuDecoder()(np.fromfile(tmp_path / "cut.webm", np.uint8), [info.num_frames - 1])
+    assert read_index(last[0]) == info.num_frames - 1
+
+
+@pytest.mark.parametrize("name, profile", [("long_webm", "Profile 0"), ("long_mp4", "Profile 0"),
+                                           ("h264", "High")])
+def test_profile_pixel_format_and_packet_table(videos, name, profile):
+    """What nvdec.py checks (profile, pix_fmt) and what segments.py cuts with (each packet's place in the file)."""
+    info = probe_video(videos[name])
+    assert (info.profile, info.pix_fmt) == (profile, "yuv420p")
+    offsets, sizes, display = unpack_packets(info.packets, info.num_frames)
+    data = videos[name].read_bytes()
+    with av.open(str(videos[name])) as container:
+        packets = [p for p in container.demux(video=0) if p.size > 0]
+        assert [data[o:o + s] for o, s in zip(offsets.tolist(), sizes.tolist())] == [bytes(p) for p in packets]
+        assert display.tolist() == np.argsort(np.argsort([p.pts for p in packets])).tolist()
+    assert bool(info.extradata) == (name == "h264")  # the avcC record; VP9 needs none
 
 
 def test_cache_is_used_and_refreshed_when_a_file_changes(videos, tmp_path):
@@ -86,3 +110,45 @@ def test_many_videos_in_parallel(videos, tmp_path):
     infos, failures = probe_videos(paths, None, num_workers=4)
     assert not failures and len(infos) == 5
     assert infos[str(videos["portrait"])].width == 48 and infos[str(videos["portrait"])].height == 64
+
+
+@pytest.mark.parametrize("content, warning", [
+    ("{not json", "unreadable probe cache"),
+    ('{"version": %d, "videos": []}' % CACHE_VERSION, "not a probe cache"),
+    ('{"version": 1, "videos": {}}', "probe cache of version 1, this code reads version %d" % CACHE_VERSION),
+])
+def test_corrupt_or_old_caches_are_probed_again_with_a_warning(videos, tmp_path, caplog, content, warning):
+    cache = tmp_path / "list.txt.probe.json"
+    cache.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
+        infos, failures = probe_videos([str(videos["short"])], cache)
+    assert warning in caplog.text and str(cache) in caplog.text
+    assert infos[str(videos["short"])].num_frames == 20 and not failures
+    assert json.loads(cache.read_text())["version"] == CACHE_VERSION  # rewritten in the current format
+
+
+def test_an_old_version_entry_is_not_trusted(videos, tmp_path, caplog):
+    """A version-1 cache (no packet table) with the right stat: probed again, so the fast cut gets its table."""
+    cache = tmp_path / "list.txt.probe.json"
+    path = str(videos["long_webm"])
+    probe_videos([path], cache)
+    data = json.loads(cache.read_text())
+    data["version"] = 1
+    for key in ("packets", "extradata", "profile", "pix_fmt"):
+        del data["videos"][path]["info"][key]
+    cache.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
+        info = probe_videos([path], cache)[0][path]
+    assert "version 1" in caplog.text and info.packets and info.profile == "Profile 0"
+
+
+def test_a_malformed_entry_is_probed_again(videos, tmp_path, caplog):
+    cache = tmp_path / "list.txt.probe.json"
+    path = str(videos["short"])
+    probe_videos([path], cache)
+    data = json.loads(cache.read_text())
+    del data["videos"][path]["info"]["keyframes"]
+    cache.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
+        info = probe_videos([path], cache)[0][path]
+    assert "1 malformed probe cache entries" in caplog.text and info.keyframes == (0,)
