@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from config import ConfigError, DataConfig, add_config_arguments, parse_views
 from dali_pipes.lists import ListError, read_class_names
-from dali_pipes.loader import LoaderError, VideoLoader
+from dali_pipes.loader import LoaderError, UnreadableVideo, VideoLoader
 from dali_pipes.probe import CPU_CODECS, ProbeError, VideoInfo, probe_video
 from dali_pipes.pyav_clips import eval_views
 from evaluate import average_views, inference_setup, resolve_run
@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
                                                             enabled=autocast_dtype is not None):
                     probs = average_views(model(clips.to(device)), num_clips * num_crops)[0].cpu()
             except (ProbeError, LoaderError, RuntimeError) as e:
-                message = str(e) if str(e).startswith(path) else f"{path}: {e}"
+                if isinstance(e, UnreadableVideo):  # predict's probe cache is temporary: no "rerun skips it" hint
+                    message = f"{path}: {e.reason}"
+                else:
+                    message = str(e) if str(e).startswith(path) else f"{path}: {e}"
                 tqdm.write(f"error: {message}", file=sys.stderr)
                 failures += 1
                 bar.update()

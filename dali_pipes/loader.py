@@ -50,6 +50,14 @@ class LoaderError(ValueError):
     """A data set the loader cannot serve; the message is one line that says which file or key and what to do."""
 
 
+class UnreadableVideo(LoaderError):
+    """A video DALI failed on during a pass, now marked unreadable in the probe cache; `reason` says why."""
+
+    def __init__(self, message: str, path: str, reason: str):
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
 class Batch(NamedTuple):
     clips: torch.Tensor  # (B*V, 3, T, H, W) normalised RGB; video b owns rows b*V:(b+1)*V, view v = crop*clips + clip
     labels: torch.Tensor  # (B,) int64
@@ -311,11 +319,12 @@ class VideoLoader:
         return LoaderError(f"DALI failed on a batch holding one of {len(in_flight)} videos ({paths}, …): "
                            f"{dali_error}")
 
-    def _mark(self, index: int, reason: str, dali_error: str | None = None) -> LoaderError:
+    def _mark(self, index: int, reason: str, dali_error: str | None = None) -> UnreadableVideo:
         path = self.spec.paths[index]
         mark_unreadable(self.cache_file, path, reason)
-        return LoaderError(f"{path}: {reason}; marked unreadable in {self.cache_file}, so a rerun or --resume "
-                           f"leaves it out" + (f" (DALI: {dali_error})" if dali_error else ""))
+        dali = f" (DALI: {dali_error})" if dali_error else ""
+        return UnreadableVideo(f"{path}: {reason}; marked unreadable in {self.cache_file}, so a rerun or --resume "
+                               f"leaves it out{dali}", path, reason + dali)
 
     def _build(self, first_epoch: int, start_batch: int, num_pipelines: int) -> None:
         """`num_pipelines` pipelines, each with its own source serving every num_pipelines-th batch."""
