@@ -14,14 +14,16 @@
 #   - ours_train clips/s >= 1.2x the decord peer, both GOPs, both recipes     (ours_train `ratio_to_peer`)
 #   - ours_test videos/s >= 1x the decord peer, both GOPs, both recipes       (ours_test `ratio_to_peer`)
 #   - k400_32x2x1 ours_test >= 40% of k400_8x8x1's rate, same set             (its `ratio_to_recipe`)
-# Extra arguments go to loader.py (e.g. --torch-threads 2). Needs about 12 min on 2 idle cores with STEPS=20
-# (the clip sets, when not yet made, add a few minutes once).
+# Extra arguments go to loader.py (e.g. --torch-threads 2). Run time on 2 idle cores, from the CPU time per clip
+# of a STEPS=3 trial (2026-11-29, 2-core CPU dev machine): about 15 min with the loader of that day, whose 32x2x1 10x3
+# test costs 0.5 s of CPU per view (about 6 min of the 15); about 8 min once it costs what 8x8x1's does per frame.
+# Clip sets not yet made add a few minutes once. PEER_DECODERS="decord pyav" adds about half again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PEER=${PEER:-.peer-venv/bin/python}
 OUT=${OUT:-work_dirs/cpu_peer_suite.jsonl}
-STEPS=${STEPS:-20}
+STEPS=${STEPS:-16}
 WARMUP=${WARMUP:-4}  # 2 x the peer's workers: its DataLoader's start-up prefetch is used before the clock starts
 PEER_DECODERS=${PEER_DECODERS:-decord}
 DATA_DIR=${DATA_DIR:-/tmp/r2plus1d_bench}
