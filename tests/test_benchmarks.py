@@ -88,8 +88,9 @@ def test_loader_smoke_records(bench_dir):
 @pytest.mark.skipif(not PEER_PYTHON.is_file(),
                     reason=f"no MMAction2 environment at {PEER_PYTHON} (build it with `make peer-venv`)")
 def test_loader_runs_the_mmaction2_peer(bench_dir):
-    records = run_smoke("loader.py", "--data-dir", str(bench_dir), "--config", "k400_32x2x1.yaml", "--peer",
-                        str(PEER_PYTHON), "--peer-decoders", "decord", "pyav", "--variants", "ours_train",
+    # On the CPU everywhere: the plumbing is under test, and `make peer-venv` installs a CPU torch.
+    records = run_smoke("loader.py", "--data-dir", str(bench_dir), "--device", "cpu", "--config", "k400_32x2x1.yaml",
+                        "--peer", str(PEER_PYTHON), "--peer-decoders", "decord", "pyav", "--variants", "ours_train",
                         "ours_test", "peer_train", "peer_test")
     keyed = {r["variant"]: r for r in records}
     peers = {f"peer_{d}_{m}_w1" for d in ("decord", "pyav") for m in ("train", "test")}
@@ -111,8 +112,9 @@ def test_loader_runs_the_mmaction2_peer(bench_dir):
             assert steps[:3] == (["DecordInit", "SampleFrames", "DecordDecode"] if decoder == "decord" else
                                  ["PyAVInit", "SampleFrames", "PyAVDecode"]), name
             assert ("RandomResizedCrop" in steps) is (mode == "train") and ("ThreeCrop" in steps) is (mode == "test")
-            if peer["codec"] == "vp9":  # WebM: PyAVInit reads MP4 copies, decord the files themselves
-                assert ("mp4" in peer["peer_input"]) is (decoder == "pyav"), name
+            assert peer["codec"] == "vp9" and peer["normalised_on"] == "cpu"
+            # WebM: PyAVInit reads MP4 copies (WebM stores no frame count), decord the files themselves.
+            assert ("mp4" in peer["peer_input"]) is (decoder == "pyav"), name
 
 
 @pytest.mark.slow
