@@ -4,6 +4,7 @@
     python benchmarks/evaluate.py --workers 16 --steps 64           # GPU machine: the baseline with all 16 cores
     python benchmarks/evaluate.py --clip-set /tmp/k400vp9 --set model.depth=18 --steps 8
     python benchmarks/evaluate.py --smoke                           # tiny model and clips: seconds on a CPU
+    python benchmarks/evaluate.py --config k400_8x8x1.yaml k400_32x2x1.yaml   # both recipes, one after the other
 
 Clips: K400-like (tools/make_synthetic.py: about 10 s, 340x256, 30 fps), made once under --data-dir and reused
 (the folders benchmarks/loader.py makes); H.264 with CUDA (NVDEC), VP9 without (DALI's CPU decoder cannot read
@@ -27,7 +28,9 @@ used up before the clock starts. Each record gives videos/s over the timed steps
 ends), views/s as `clips_per_s`, median ms per batch, `data_wait_pct` (time blocked in next(loader) over step
 time; the baseline's includes its normalisation), CPU cores busy and `evaluate_py_videos_per_s` (evaluate()'s own
 figure for the same window). `ours` adds `ratio_to_baselines` (its videos/s over each baseline's, this run) and
-`model_only_videos_per_s` (model_fast's).
+`model_only_videos_per_s` (model_fast's). With several recipes (--config A B), each runs in turn on the same clip
+set, every record names its recipe (`config`, `recipe`), and from the second recipe on `ours` adds
+`ratio_to_recipe` (its videos/s over the first recipe's `ours`).
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ LOG = logging.getLogger("benchmarks.evaluate")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, warmup=3, steps=24)
-    parser.add_argument("--config", default="k400_8x8x1.yaml",
-                        help="recipe (clip_len, frame_interval, short side, test crop and views, model, test.amp)")
+    parser.add_argument("--config", "--configs", dest="configs", nargs="+", default=["k400_8x8x1.yaml"],
+                        help="recipes (clip_len, frame_interval, short side, test crop and views, model, test.amp), "
+                             "each measured in turn, e.g. --config k400_8x8x1.yaml k400_32x2x1.yaml")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="what to run")
     parser.add_argument("--workers", nargs="+", type=int, default=None,
                         help="DataLoader worker counts of the PyAV baseline (default: all available cores, and 2)")
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = DistContext(device=device)  # one process; evaluate.py's helpers take it as they take torchrun's
     workers = args.workers or sorted({cores_available(), 2}, reverse=True)
     try:
-        base = load_config(args.config, args.overrides)
+        recipes = [(name, load_config(name, args.overrides)) for name in args.configs]
     except ConfigError as e:
         sys.exit(f"error: {e}")
     configure_determinism(False)  # every batch has the same shape: cuDNN autotuning, as evaluate.py
@@ -167,20 +171,25 @@ def main(argv: list[str] | None = None) -> None:
     folder = clip_set_folder(args, on_gpu=device.type == "cuda")
     loaders_run = [v for v in args.variants if not v.startswith("model")]
     warmup = max(args.warmup, 2 * max(workers)) if loaders_run else args.warmup
-    # Enough list entries that no loader variant reaches the list's end, prefetched batches included.
-    min_videos = (warmup + args.steps + 2 * max(workers) + base.data.prefetch_batches + 2) * base.test.batch_size
-    try:
-        cfg = bench_config(args.config, args.overrides, folder, min_videos)
-        data = set_description(cfg.data.test_list, cfg.data.root)
-        LOG.info("clip set %s", data)
-        measure(cfg, ctx, env, data, workers, warmup, args)
-    except (ConfigError, LoaderError) as e:  # e.g. H.264 clips without a GPU: one line says what to do
-        sys.exit(f"error: {e}")
+    first_ours: dict[str, float] = {}  # the first recipe's name -> its ours videos/s
+    for config_name, base in recipes:
+        # Enough list entries that no loader variant reaches the list's end, prefetched batches included.
+        min_videos = (warmup + args.steps + 2 * max(workers) + base.data.prefetch_batches + 2) * base.test.batch_size
+        try:
+            cfg = bench_config(config_name, args.overrides, folder, min_videos)
+            data = set_description(cfg.data.test_list, cfg.data.root)
+            LOG.info("%s on clip set %s", config_name, data)
+            measure(cfg, config_name, ctx, env, data, workers, warmup, first_ours, args)
+        except (ConfigError, LoaderError) as e:  # e.g. H.264 clips without a GPU: one line says what to do
+            sys.exit(f"error: {e}")
 
 
-def measure(cfg: Config, ctx: DistContext, env: dict, data: dict, workers: list[int], warmup: int,
-            args: argparse.Namespace) -> None:
-    """Emits one record per variant, the ours record last with its ratios."""
+def measure(cfg: Config, config_name: str, ctx: DistContext, env: dict, data: dict, workers: list[int], warmup: int,
+            first_ours: dict[str, float], args: argparse.Namespace) -> None:
+    """Emits one record per variant of one recipe, the ours record last with its ratios.
+
+    `first_ours` holds the first recipe's ours videos/s once measured (this call fills it when empty).
+    """
     device, on_gpu = ctx.device, ctx.device.type == "cuda"
     num_clips, num_crops = parse_views(cfg.test.views)
     views = num_clips * num_crops
@@ -193,9 +202,10 @@ def measure(cfg: Config, ctx: DistContext, env: dict, data: dict, workers: list[
         "fp32": (plain, None, torch.float32, False),
         "fast": (fast, autocast_dtype, autocast_dtype or torch.float32, channels_last),
     }
-    common = dict(overrides=args.overrides, batch=videos, config=args.config, views=cfg.test.views,
-                  views_per_video=views, depth=cfg.model.depth, base_channels=cfg.model.base_channels,
-                  num_classes=NUM_CLASSES, cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, smoke=args.smoke, **data)
+    common = dict(overrides=args.overrides, batch=videos, config=config_name, recipe=Path(config_name).stem,
+                  views=cfg.test.views, views_per_video=views, depth=cfg.model.depth,
+                  base_channels=cfg.model.base_channels, num_classes=NUM_CLASSES,
+                  cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, smoke=args.smoke, **data)
 
     def record(name: str, run: tuple, kind: str, warmup_steps: int, **extra) -> dict:
         window, cpu_s, evaluate_rate, shape = run
@@ -268,6 +278,10 @@ def measure(cfg: Config, ctx: DistContext, env: dict, data: dict, workers: list[
         rec["model_only_videos_per_s"] = model_rates.get("fast")
         if "fast" in model_rates:
             rec["ratio_to_model_only"] = round(rec["videos_per_s"] / model_rates["fast"], 3)
+        if first_ours:
+            rec["ratio_to_recipe"] = {name: round(rec["videos_per_s"] / rate, 3) for name, rate in first_ours.items()}
+        else:
+            first_ours[rec["recipe"]] = rec["videos_per_s"]
         emit(rec)
 
 

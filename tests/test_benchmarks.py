@@ -1,7 +1,8 @@
 """The benchmarks' --smoke runs print well-formed records, and the PyAV baseline decodes MMAction2's frames.
 
 Timing values are not checked (they depend on the machine and its load); the record fields and variants are.
-The --smoke runs are whole programs, marked `slow` (they run last; about a minute together on 2 cores).
+The --smoke runs are whole programs, marked `slow` (they run last; a few minutes together on 2 cores). The
+MMAction2 peer runs only where `make peer-venv` built .peer-venv; its test skips, saying so, elsewhere.
 """
 
 import json
@@ -20,9 +21,18 @@ from dali_pipes.sampling import sample_frames
 from tools.make_synthetic import read_index
 
 REPO = Path(__file__).resolve().parents[1]
+PEER_PYTHON = REPO / ".peer-venv" / "bin" / "python"
+RECIPES = ("k400_8x8x1", "k400_32x2x1")
+CLIP_LEN = {"k400_8x8x1": 8, "k400_32x2x1": 32}
 RECORD_KEYS = {"machine", "cpu_count", "cores_available", "device", "torch", "cuda", "dali", "git_commit", "date",
                "benchmark", "variant", "overrides", "batch", "clip_shape", "warmup_steps", "timed_steps",
                "median_ms", "clips_per_s", "clips_per_s_median"}
+
+
+def by_recipe_and_variant(records: list[dict]) -> dict[tuple[str, str], dict]:
+    keyed = {(r["recipe"], r["variant"]): r for r in records}
+    assert len(keyed) == len(records), "two records share a recipe and a variant name"
+    return keyed
 
 
 def run_smoke(script: str, *extra: str) -> list[dict]:
@@ -47,22 +57,71 @@ def bench_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_loader_smoke_records(bench_dir):
-    records = run_smoke("loader.py", "--data-dir", str(bench_dir))
-    by_variant = {r["variant"]: r for r in records}
-    on_cpu = by_variant["ours_train"]["device"].startswith("CPU")
-    assert set(by_variant) == {"pyav_train_w1", "pyav_test_w1", "pyav_train_seek_w1", "pyav_test_seek_w1",
-                               "ours_train", "ours_test"}
-    for name, record in by_variant.items():
+    records = run_smoke("loader.py", "--data-dir", str(bench_dir), "--config", *(f"{r}.yaml" for r in RECIPES))
+    keyed = by_recipe_and_variant(records)
+    on_cpu = records[0]["device"].startswith("CPU")
+    variants = {"pyav_train_w1", "pyav_test_w1", "pyav_train_seek_w1", "pyav_test_seek_w1", "ours_train", "ours_test"}
+    assert set(keyed) == {(recipe, v) for recipe in RECIPES for v in variants}
+    for (recipe, name), record in keyed.items():
         assert record["benchmark"] == "loader" and record["timed_steps"] == 2
+        assert record["config"] == f"{recipe}.yaml"
         assert record["clips_per_s"] > 0 and record["codec"] == ("vp9" if on_cpu else "h264") and record["gop"] == 16
         assert record["video_size"] == [340, 256]
         crop = 56 if record["mode"] == "train" else 64
-        assert record["clip_shape"] == [3, 8, crop, crop], name
+        assert record["clip_shape"] == [3, CLIP_LEN[recipe], crop, crop], (recipe, name)
         assert record["views_per_video"] == (1 if record["mode"] == "train" else 6), name  # test.views=2x3
-    assert by_variant["ours_train"]["ratio_to_baselines"].keys() == {"pyav_train_w1", "pyav_train_seek_w1"}
-    assert by_variant["ours_test"]["ratio_to_baselines"].keys() == {"pyav_test_w1", "pyav_test_seek_w1"}
-    assert by_variant["ours_train"]["loader"] == "dali" and by_variant["pyav_train_w1"]["workers"] == 1
-    assert by_variant["ours_train"]["dali_decoder"] == ("cpu" if on_cpu else "mixed")
+    for recipe in RECIPES:
+        train, test = keyed[recipe, "ours_train"], keyed[recipe, "ours_test"]
+        assert train["ratio_to_baselines"].keys() == {"pyav_train_w1", "pyav_train_seek_w1"}
+        assert test["ratio_to_baselines"].keys() == {"pyav_test_w1", "pyav_test_seek_w1"}
+        assert train["loader"] == "dali" and keyed[recipe, "pyav_train_w1"]["workers"] == 1
+        assert train["dali_decoder"] == ("cpu" if on_cpu else "mixed")
+        assert "ratio_to_peer" not in train  # no --peer
+    for mode in ("train", "test"):  # the second recipe against the first, same mode
+        first, second = keyed["k400_8x8x1", f"ours_{mode}"], keyed["k400_32x2x1", f"ours_{mode}"]
+        assert "ratio_to_recipe" not in first
+        assert second["ratio_to_recipe"] == {"k400_8x8x1": pytest.approx(
+            second["clips_per_s"] / first["clips_per_s"], abs=1e-3)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PEER_PYTHON.is_file(),
+                    reason=f"no MMAction2 environment at {PEER_PYTHON} (build it with `make peer-venv`)")
+def test_loader_runs_the_mmaction2_peer(bench_dir):
+    # On the CPU everywhere: the plumbing is under test, and `make peer-venv` installs a CPU torch.
+    records = run_smoke("loader.py", "--data-dir", str(bench_dir), "--device", "cpu", "--config", "k400_32x2x1.yaml",
+                        "--peer", str(PEER_PYTHON), "--peer-decoders", "decord", "pyav", "--variants", "ours_train",
+                        "ours_test", "peer_train", "peer_test")
+    keyed = {r["variant"]: r for r in records}
+    peers = {f"peer_{d}_{m}_w1" for d in ("decord", "pyav") for m in ("train", "test")}
+    assert set(keyed) == peers | {"ours_train", "ours_test"}
+    for mode in ("train", "test"):
+        ours = keyed[f"ours_{mode}"]
+        mode_peers = {p for p in peers if f"_{mode}_" in p}
+        assert ours["ratio_to_peer"].keys() == mode_peers
+        for name in mode_peers:
+            peer = keyed[name]
+            assert ours["ratio_to_peer"][name] == pytest.approx(ours["clips_per_s"] / peer["clips_per_s"], abs=0.01)
+            # The same work per step as ours: shape, views and mode; MMAction2's own pipeline did it.
+            assert peer["clip_shape"] == ours["clip_shape"] and peer["views_per_video"] == ours["views_per_video"]
+            assert peer["mode"] == mode and peer["batch"] == ours["batch"] and peer["timed_steps"] == 2, name
+            assert peer["loader"] == "mmaction2_dataloader" and peer["mmaction2"] == "1.2.0" and peer["workers"] == 1
+            assert peer["recipe"] == "k400_32x2x1" and peer["gop"] == 16 and peer["smoke"] is True
+            decoder = peer["decoder"]
+            steps = peer["peer_pipeline"]
+            assert steps[:3] == (["DecordInit", "SampleFrames", "DecordDecode"] if decoder == "decord" else
+                                 ["PyAVInit", "SampleFrames", "PyAVDecode"]), name
+            assert ("RandomResizedCrop" in steps) is (mode == "train") and ("ThreeCrop" in steps) is (mode == "test")
+            assert peer["codec"] == "vp9" and peer["normalised_on"] == "cpu"
+            # WebM: PyAVInit reads MP4 copies (WebM stores no frame count), decord the files themselves.
+            assert ("mp4" in peer["peer_input"]) is (decoder == "pyav"), name
+
+
+@pytest.mark.slow
+def test_loader_peer_needs_a_python(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/loader.py", "--smoke", "--peer", str(tmp_path / "python")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "make peer-venv" in result.stderr and not result.stdout
 
 
 @pytest.mark.slow
@@ -144,20 +203,27 @@ def test_end_to_end_smoke_records(bench_dir):
 
 @pytest.mark.slow
 def test_evaluate_smoke_records(bench_dir):
-    records = run_smoke("evaluate.py", "--data-dir", str(bench_dir))
-    by_variant = {r["variant"]: r for r in records}
-    assert list(by_variant) == ["model_fp32", "model_fast", "pyav_w1", "pyav_seek_w1", "ours"]
-    on_cpu = by_variant["ours"]["device"].startswith("CPU")
-    for name, record in by_variant.items():
+    records = run_smoke("evaluate.py", "--data-dir", str(bench_dir), "--config", *(f"{r}.yaml" for r in RECIPES))
+    keyed = by_recipe_and_variant(records)
+    variants = ["model_fp32", "model_fast", "pyav_w1", "pyav_seek_w1", "ours"]
+    assert list(keyed) == [(recipe, v) for recipe in RECIPES for v in variants]
+    on_cpu = records[0]["device"].startswith("CPU")
+    for (recipe, name), record in keyed.items():
         assert record["benchmark"] == "evaluate" and record["timed_steps"] == 2 and record["batch"] == 1, name
-        assert record["views_per_video"] == 6 and record["clip_shape"] == [3, 8, 64, 64], name  # test.views=2x3
+        assert record["config"] == f"{recipe}.yaml"
+        assert record["views_per_video"] == 6 and record["clip_shape"] == [3, CLIP_LEN[recipe], 64, 64], name
         assert record["videos_per_s"] > 0 and record["evaluate_py_videos_per_s"] > 0, name
         assert 0 <= record["data_wait_pct"] <= 100, name
         fast = name in ("model_fast", "ours")
         assert record["bn_folded"] is fast, name
         assert record["precision"] == ("bf16" if fast and not on_cpu else "fp32"), name
-    assert by_variant["pyav_w1"]["decode"] == "mmaction2" and by_variant["pyav_seek_w1"]["decode"] == "seek"
-    ours = by_variant["ours"]
-    assert ours["ratio_to_baselines"].keys() == {"pyav_w1", "pyav_seek_w1"}
-    assert ours["model_only_videos_per_s"] == by_variant["model_fast"]["videos_per_s"]
-    assert ours["loader"] == "dali" and ours["dali_decoder"] == ("cpu" if on_cpu else "mixed")
+    for recipe in RECIPES:
+        assert keyed[recipe, "pyav_w1"]["decode"] == "mmaction2" and keyed[recipe, "pyav_seek_w1"]["decode"] == "seek"
+        ours = keyed[recipe, "ours"]
+        assert ours["ratio_to_baselines"].keys() == {"pyav_w1", "pyav_seek_w1"}
+        assert ours["model_only_videos_per_s"] == keyed[recipe, "model_fast"]["videos_per_s"]
+        assert ours["loader"] == "dali" and ours["dali_decoder"] == ("cpu" if on_cpu else "mixed")
+    first, second = keyed["k400_8x8x1", "ours"], keyed["k400_32x2x1", "ours"]
+    assert "ratio_to_recipe" not in first
+    assert second["ratio_to_recipe"] == {"k400_8x8x1": pytest.approx(
+        second["videos_per_s"] / first["videos_per_s"], rel=0.01)}  # from videos/s before rounding
