@@ -116,17 +116,20 @@ class BatchSource:
         samples = [self.sample(int(i), epoch) for i in shard[begin:begin + self.spec.batch_size]]
         return [list(column) for column in zip(*samples)]
 
+    def frame_indices(self, index: int, epoch: int) -> np.ndarray:
+        """(num_clips, clip_len) frame numbers video `index` reads in `epoch` (SampleFrames; train draws them from
+        (seed, epoch, index))."""
+        s = self.spec
+        rng = sampling.sample_rng(s.seed, epoch, index, 0) if s.mode == "train" else None
+        return sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
+                                      test_mode=s.mode != "train", rng=rng)
+
     def sample(self, index: int, epoch: int) -> tuple:
         """The external source's columns for video `index`: encoded bytes, the distinct frames to decode (indices
         into the bytes, ascending), `order` (where each output frame comes from among them), then geometry."""
         s = self.spec
         info = s.infos[index]
-        if s.mode == "train":
-            frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
-                                            test_mode=False, rng=sampling.sample_rng(s.seed, epoch, index, 0))
-        else:
-            frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
-                                            test_mode=True)
+        frames = self.frame_indices(index, epoch)
         unique, inverse = np.unique(frames.reshape(-1), return_inverse=True)  # frames == unique[inverse]
         encoded, base = read_segment(s.paths[index], info, int(unique[0]), int(unique[-1]))
         decode = (unique - base).astype(np.int32)

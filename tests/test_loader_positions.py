@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from config import DataConfig
 from dali_pipes import geometry
@@ -17,6 +16,7 @@ from dali_pipes.probe import probe_video
 from dali_pipes.pyav_clips import eval_views
 from dali_pipes.sampling import sample_frames, sample_rng
 from media_helpers import CpuDecoder
+from test_loader import to_uint8_frames as grey_levels  # normalisation undone, 0..255 float64
 from tools.make_synthetic import read_index
 
 PATTERN_FRAMES, PATTERN_HW = 12, (72, 96)  # conftest's `pattern` clip
@@ -35,10 +35,6 @@ def data_config(list_file: str, **overrides) -> DataConfig:
     return DataConfig(**values)
 
 
-def grey_levels(clips: torch.Tensor) -> np.ndarray:
-    """(N, 3, T, H, W) normalised -> (N, T, H, W, 3) float64 on the 0..255 scale (normalisation undone)."""
-    x = clips.float().permute(0, 2, 3, 4, 1).numpy().astype(np.float64)
-    return x * np.array(geometry.STD_RGB) + np.array(geometry.MEAN_RGB)
 
 
 def test_val_and_test_centre_crops_cut_the_middle_of_the_frame(videos, tmp_path):

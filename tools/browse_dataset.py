@@ -37,9 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, ConfigError, add_config_arguments, load_config, parse_views  # noqa: E402
-from dali_pipes import geometry, sampling  # noqa: E402
+from dali_pipes import geometry  # noqa: E402
 from dali_pipes.lists import ListError, read_class_names  # noqa: E402
-from dali_pipes.loader import LoaderError, VideoLoader  # noqa: E402
+from dali_pipes.loader import BatchSource, LoaderError, VideoLoader  # noqa: E402
 from runtime import DistContext, build_video_loader  # noqa: E402
 
 log = logging.getLogger("browse_dataset")
@@ -89,14 +89,8 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 def sampled_indices(loader: VideoLoader, index: int, epoch: int) -> np.ndarray:
     """(views, T) frame numbers video `index` of the loader reads, as its BatchSource samples them, crop-major."""
-    s = loader.spec
-    if s.mode == "train":
-        frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
-                                        test_mode=False, rng=sampling.sample_rng(s.seed, epoch, index, 0))
-    else:
-        frames = sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
-                                        test_mode=True)
-    return np.tile(frames, (s.num_crops, 1)).astype(np.int32)  # view = crop * clips + clip
+    frames = BatchSource(loader.spec, epoch, 0).frame_indices(index, epoch)
+    return np.tile(frames, (loader.spec.num_crops, 1)).astype(np.int32)  # view = crop * clips + clip
 
 
 def collect(cfg: Config, split: str, num_videos: int, epoch: int) -> dict[str, np.ndarray]:
