@@ -244,6 +244,19 @@ def test_vp9_header_bits_per_profile(first_byte, shown):
     assert shown_frames("vp9", bytes([first_byte, 0, 0, 0])) == shown
 
 
+def test_superframe_index_with_two_byte_sizes():
+    """A superframe laid out by hand from the spec (Annex B): a 300-byte hidden frame, a 10-byte shown one, and
+    the index 0b110_01_001 (2 bytes per size, 2 frames), the sizes little-endian, the marker byte at both ends."""
+    hidden, shown = bytes([0b10_0_0_0_1_0_0]) + bytes(299), bytes([0b10_0_0_0_1_1_0]) + bytes(9)
+    marker = 0b110_01_001
+    packet = hidden + shown + bytes([marker, 300 & 0xFF, 300 >> 8, 10, 0, marker])
+    assert vp9_frames(packet) == [hidden, shown] and shown_frames("vp9", packet) == 1
+    assert shown_frames("vp9", shown + shown + bytes([marker, 10, 0, 10, 0, marker])) == 2
+    # Without the marker byte at the start of the index the end is frame data, not an index: one frame.
+    assert vp9_frames(hidden + shown + bytes([0, 300 & 0xFF, 300 >> 8, 10, 0, marker])) == [
+        hidden + shown + bytes([0, 300 & 0xFF, 300 >> 8, 10, 0, marker])]
+
+
 def test_vp8_frames_with_show_frame_cleared(tmp_path):
     clip = tmp_path / "clip.webm"
     with av.open(str(clip), "w") as container:
