@@ -1,9 +1,14 @@
 """Frame counts and seek points of every video, read from the container without decoding, cached beside the list.
 
 For each video we demux the packets of its first video stream (PyAV; no pixel is decoded) and keep:
-- `num_frames`: the number of non-empty video packets. For the codecs we read (VP8/VP9/MJPEG on the CPU, also
-  H.264/HEVC/AV1 on the GPU) one packet holds one shown frame, which is what the decoder returns: WebM carries no
-  frame count at all, and an MP4's nb_frames can disagree with the packets (reference §10.4), so packets decide.
+- `num_frames`: the number of non-empty video packets that show a frame. WebM carries no frame count at all, and
+  an MP4's nb_frames can disagree with the packets (reference §10.4), so packets decide. DALI numbers frames by
+  packet too, so one packet must show exactly one frame. For VP8 and VP9 the probe reads each packet's show_frame
+  flag (`shown_frames`: a VP9 superframe shows what its frames show, e.g. a hidden alt-ref frame packed with a
+  shown one shows one). Packets that show nothing at the end of a file are left out of the count, the keyframes
+  and the packet table (DALI would number them as frames and return black or wrong pixels for them); such a packet
+  before a shown one, or a packet showing several frames, makes the video unusable (DALI's numbering would then
+  disagree with ours). Other codecs (MJPEG; H.264/HEVC/AV1 on the GPU) show one frame per packet.
 - `keyframes`: display indices of the clean seek points, i.e. keyframes from which decoding yields exactly the
   frames that follow them in display order (no leading pictures that reference the previous GOP). A clip is
   decoded from the clean keyframe at or before its first frame (see segments.py).
@@ -36,13 +41,14 @@ import av
 import numpy as np
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: packet table, extradata, profile, pix_fmt
+CACHE_VERSION = 3  # 2: packet table, extradata, profile, pix_fmt; 3: VP8/VP9 packets that show no frame
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder (PyPI build) accepts
 # FFmpeg codec name -> Matroska CodecID, for the codecs whose packets segments.py rewraps without changing them
 MATROSKA_CODECS = {"vp8": "V_VP8", "vp9": "V_VP9", "av1": "V_AV1", "mjpeg": "V_MJPEG",
                    "h264": "V_MPEG4/ISO/AVC", "hevc": "V_MPEGH/ISO/HEVC"}
 # Codecs whose Matroska form needs the configuration record (length-prefixed NAL units, not Annex B start codes)
 _NEEDS_EXTRADATA = {"h264": 1, "hevc": 1, "av1": 0x81}  # codec -> first byte of avcC / hvcC / av1C
+_REENCODE_HINT = "re-encode with tools/prepare_kinetics.py --reencode"
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,14 @@ def probe_video(path: str | Path) -> VideoInfo:
                 raise ProbeError("no video stream (audio only?)")
             stream = container.streams.video[0]
             codec = stream.codec_context.name
-            # (pts, is_keyframe) and (byte offset in the file or -1, size) per packet, decode order
-            packets, places = [], []
+            # (pts, is_keyframe), (byte offset in the file or -1, size) and frames shown per packet, decode order
+            packets, places, shown = [], [], []
             for p in container.demux(stream):
                 if p.size > 0:
+                    data = bytes(p)
                     packets.append((p.pts if p.pts is not None else p.dts, bool(p.is_keyframe)))
-                    places.append((_locate(blob, p), p.size))
+                    places.append((_locate(blob, p.pos, data), p.size))
+                    shown.append(shown_frames(codec, data))
             width, height = stream.codec_context.width, stream.codec_context.height
             profile, pix_fmt = stream.codec_context.profile or "", stream.codec_context.pix_fmt or ""
             extradata = stream.codec_context.extradata or b""
@@ -91,6 +99,16 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise ProbeError(f"cannot be read ({' '.join(str(e).split())})") from e
     if not packets:
         raise ProbeError("no video frames")
+    # Trailing packets that show nothing are dropped; any other packet must show exactly one frame.
+    num_shown = max((i + 1 for i, count in enumerate(shown) if count), default=0)
+    for i, count in enumerate(shown[:num_shown]):
+        if count != 1:
+            what = "no frame" if count == 0 else f"{count} frames"
+            raise ProbeError(f"packet {i + 1} of {len(packets)} shows {what}; DALI numbers frames by packet: "
+                             f"{_REENCODE_HINT}")
+    packets, places = packets[:num_shown], places[:num_shown]
+    if not packets:
+        raise ProbeError(f"none of its {len(shown)} video packets shows a frame")
     if any(pts is None for pts, _ in packets):
         raise ProbeError("video packets without timestamps")
     if width <= 0 or height <= 0:
@@ -103,16 +121,63 @@ def probe_video(path: str | Path) -> VideoInfo:
                      str(profile), str(pix_fmt), table, base64.b64encode(extradata).decode() if table else "")
 
 
-def _locate(blob: bytes, packet: av.Packet) -> int:
-    """Byte offset of the packet's data in the file, or -1 when it is not stored there verbatim.
+def _locate(blob: bytes, pos: int | None, data: bytes) -> int:
+    """Byte offset of a packet's `data` in the file, or -1 when it is not stored there verbatim.
 
-    `packet.pos` is where the demuxer read it: the data itself in MP4, the block header before it in Matroska
-    (a few bytes earlier), unknown (-1) in some formats.
+    `pos` (`packet.pos`) is where the demuxer read it: the data itself in MP4, the block header before it in
+    Matroska (a few bytes earlier), unknown (None or -1) in some formats.
     """
-    if packet.pos is None or packet.pos < 0:
+    if pos is None or pos < 0:
         return -1
-    data = bytes(packet)
-    return blob.find(data, packet.pos, packet.pos + len(data) + 32)
+    return blob.find(data, pos, pos + len(data) + 32)
+
+
+def shown_frames(codec: str, data: bytes) -> int:
+    """How many frames one packet shows: 0 or 1 for VP8 and a plain VP9 frame, the shown frames of a VP9
+    superframe; 1 for other codecs (not parsed)."""
+    if codec == "vp9":
+        return sum(_vp9_shows(frame) for frame in vp9_frames(data))
+    if codec == "vp8":
+        # VP8 frame tag (RFC 6386 §9.1), 3 bytes little-endian: key frame (bit 0), version (bits 1-3),
+        # show_frame (bit 4), first partition size.
+        return 1 if data[0] & 0x10 else 0
+    return 1
+
+
+def vp9_frames(data: bytes) -> list[bytes]:
+    """The frames of a VP9 packet: those a superframe index lists, else the packet itself.
+
+    The index (VP9 bitstream spec, Annex B) ends the packet and repeats its first byte at both ends: 0b110 (3 bits),
+    bytes per frame size minus 1 (2 bits), frames minus 1 (3 bits), then each frame's size, little-endian. A
+    packet whose end does not have that shape, or whose sizes overrun it, is one frame (as the decoder reads it).
+    """
+    marker = data[-1]
+    if marker & 0xE0 != 0xC0:
+        return [data]
+    size_bytes, count = (marker >> 3 & 3) + 1, (marker & 7) + 1
+    index_size = 2 + size_bytes * count
+    if len(data) < index_size or data[-index_size] != marker:
+        return [data]
+    index = data[len(data) - index_size + 1:-1]
+    sizes = [int.from_bytes(index[i * size_bytes:(i + 1) * size_bytes], "little") for i in range(count)]
+    if sum(sizes) > len(data) - index_size:
+        return [data]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    return [data[start:start + size] for start, size in zip(starts, sizes) if size > 0]
+
+
+def _vp9_shows(frame: bytes) -> bool:
+    """Whether a VP9 frame is shown: its uncompressed header (VP9 spec §6.2) starts, most significant bit first,
+    with frame_marker (2 bits, 0b10), profile_low_bit, profile_high_bit, a reserved zero bit in profile 3 only,
+    then show_existing_frame (shows a decoded frame again) or else frame_type and show_frame."""
+    first = frame[0]
+    if first >> 6 != 0b10:
+        return True  # not a frame header: counted as a frame, and left to the decoder to reject
+    profile = (first >> 5 & 1) | (first >> 4 & 1) << 1
+    show_existing_bit = 2 if profile == 3 else 3
+    if first >> show_existing_bit & 1:
+        return True
+    return bool(first >> (show_existing_bit - 2) & 1)
 
 
 def display_order(packets: list[tuple[int, bool]]) -> list[int]:

@@ -360,3 +360,27 @@ def test_validation_holds_no_pipeline_between_passes_and_training_keeps_its_own(
     train = VideoLoader(data_config(index_list), "train", batch_size=2, num_classes=4)
     refs = pipelines_during_a_pass(train)
     assert refs and all(ref() is not None for ref in refs)
+
+
+def test_packets_that_show_no_frame_never_become_black_or_wrong_frames(tmp_path, caplog):
+    """VP9 packets with show_frame clear (probe.py): at the end of a file they are not counted, so the test views
+    get the real last frames; one before a shown frame makes the video unusable (DALI numbers frames by packet), left
+    out with a warning; a superframe holding a hidden alt-ref frame and a shown one counts as one frame."""
+    from test_probe import hide_frames, write_alt_ref_clip
+    from tools.make_synthetic import index_frames
+
+    clip = write_video(tmp_path / "clip.webm", index_frames(48, 48, 64), gop=16)
+    tail = hide_frames(clip, tmp_path / "hidden_tail.webm", range(43, 48))
+    middle = hide_frames(clip, tmp_path / "hidden_middle.webm", [20])
+    alt_ref = write_alt_ref_clip(tmp_path / "alt_ref.webm", index_frames(90, 48, 64))
+    cfg = data_config(write_list(tmp_path, [(tail, 0), (middle, 1), (alt_ref, 1)]), frame_interval=6)
+    loader = VideoLoader(cfg, "test", batch_size=2, num_classes=2, views=(10, 1))
+    assert [(r.path, r.num_frames) for r in loader.records] == [(str(tail), 43), (str(alt_ref), 90)]
+    assert "1 of 3 videos cannot be read and are left out" in caplog.text
+    assert dict(loader.skipped)[str(middle)].startswith("packet 21 of 48 shows no frame; DALI numbers frames by packet")
+    (batch,) = list(loader)
+    indices = frame_indices(batch.clips).reshape(2, 10, 8)  # (video, clip, t)
+    for row, idx in enumerate(batch.video_idx.tolist()):
+        expected = sample_frames(loader.records[idx].num_frames, 8, 6, 10, test_mode=True)
+        assert (indices[row] == expected).all(), loader.records[idx].path
+    assert sample_frames(43, 8, 6, 10, test_mode=True).max() == 42  # the tail clip's views reach its last frame

@@ -9,9 +9,10 @@ import av
 import numpy as np
 import pytest
 
-from dali_pipes.probe import CACHE_VERSION, ProbeError, clean_keyframes, probe_video, probe_videos, unpack_packets
+from dali_pipes.probe import (CACHE_VERSION, ProbeError, clean_keyframes, probe_video, probe_videos, shown_frames,
+                              unpack_packets, vp9_frames)
 from media_helpers import CpuDecoder, write_audio_only
-from tools.make_synthetic import read_index
+from tools.make_synthetic import index_frames, read_index, write_video
 
 
 def decoded_frame_count(path):
@@ -152,3 +153,122 @@ def test_a_malformed_entry_is_probed_again(videos, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
         info = probe_videos([path], cache)[0][path]
     assert "1 malformed probe cache entries" in caplog.text and info.keyframes == (0,)
+
+
+def hide_frames(source, target, packet_numbers, flag=0x02):
+    """Copies `source` to `target` with the show_frame bit (`flag` of the first payload byte: 0x02 for a profile-0
+    VP9 frame header, 0x10 for a VP8 frame tag) cleared in the given video packets (decode order, from 0)."""
+    data = bytearray(source.read_bytes())
+    with av.open(str(source)) as container:
+        packets = [p for p in container.demux(video=0) if p.size > 0]
+        for n in packet_numbers:
+            at = data.find(bytes(packets[n]), packets[n].pos)
+            assert at >= 0 and data[at] & flag, (source, n)
+            data[at] &= ~flag
+    target.write_bytes(bytes(data))
+    return target
+
+
+def write_alt_ref_clip(path, frames):
+    """libvpx-vp9 with a lookahead and automatic alt-ref frames: hidden alt-ref frames, each packed into a
+    superframe with the next shown frame. (This libvpx uses alt-refs in one pass only in realtime VBR mode.)"""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=30, options={
+            "deadline": "realtime", "cpu-used": "5", "lag-in-frames": "25", "auto-alt-ref": "1"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.bit_rate = 200_000  # VBR (a CRF or CBR rate control gets no alt-refs)
+        for pts, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_trailing_packets_that_show_no_frame_are_not_counted(tmp_path):
+    """A VP9 file whose last 5 of 40 packets show no frame: PyAV decodes 35, DALI would number 40 (black or wrong
+    pixels for 35..39). The probe counts 35, and its packet table and keyframes hold those 35 only."""
+    clip = write_video(tmp_path / "clip.webm", index_frames(40, 48, 64), codec="vp9", gop=16)
+    hidden = hide_frames(clip, tmp_path / "hidden_tail.webm", range(35, 40))
+    assert decoded_frame_count(hidden) == 35
+    info = probe_video(hidden)
+    assert info.num_frames == 35 and info.keyframes == (0, 16, 32)
+    offsets, sizes, _ = unpack_packets(info.packets, 35)
+    data = hidden.read_bytes()
+    with av.open(str(hidden)) as container:
+        packets = [bytes(p) for p in container.demux(video=0) if p.size > 0]
+    assert len(packets) == 40
+    assert [data[o:o + s] for o, s in zip(offsets.tolist(), sizes.tolist())] == packets[:35]
+    last = CpuDecoder()(np.fromfile(hidden, np.uint8), [33, 34])
+    assert [read_index(frame) for frame in last] == [33, 34]
+
+
+def test_a_hidden_packet_before_a_shown_one_makes_the_video_unusable(tmp_path):
+    clip = write_video(tmp_path / "clip.webm", index_frames(40, 48, 64), codec="vp9", gop=16)
+    hidden = hide_frames(clip, tmp_path / "hidden_middle.webm", [20])
+    assert decoded_frame_count(hidden) == 39  # PyAV skips it, DALI would number it: the two disagree from 20 on
+    with pytest.raises(ProbeError, match=r"^packet 21 of 40 shows no frame; DALI numbers frames by packet: "
+                                         r"re-encode with tools/prepare_kinetics\.py --reencode$"):
+        probe_video(hidden)
+    infos, failures = probe_videos([str(hidden), str(clip)], tmp_path / "list.txt.probe.json")
+    assert list(infos) == [str(clip)] and "packet 21 of 40 shows no frame" in failures[str(hidden)]
+
+
+def test_superframes_with_hidden_alt_ref_frames_count_as_one_shown_frame(tmp_path):
+    clip = write_alt_ref_clip(tmp_path / "alt_ref.webm", index_frames(90, 48, 64))
+    with av.open(str(clip)) as container:
+        packets = [bytes(p) for p in container.demux(video=0) if p.size > 0]
+    # Some packets start with a hidden frame (show_frame clear in the first byte: the alt-ref) ...
+    starts_hidden = [n for n, data in enumerate(packets) if not data[0] & 0x02]
+    assert starts_hidden and len(packets) == 90 == decoded_frame_count(clip)
+    for n in starts_hidden:  # ... and are superframes: the hidden frame, then a shown one, then the index
+        frames = vp9_frames(packets[n])
+        assert len(frames) == 2 and not frames[0][0] & 0x02 and frames[1][0] & 0x02, n
+        index_size = 2 + 2 * ((packets[n][-1] >> 3 & 3) + 1)  # marker byte twice, 2 frame sizes
+        assert packets[n] == frames[0] + frames[1] + packets[n][-index_size:], n
+    info = probe_video(clip)
+    assert info.num_frames == 90
+    assert [read_index(frame) for frame in CpuDecoder()(np.fromfile(clip, np.uint8), [12, 89])] == [12, 89]
+
+
+@pytest.mark.parametrize("first_byte, shown", [
+    (0b10_0_0_0_0_1_0, 1),  # profile 0: show_existing_frame 0, frame_type 0 (key), show_frame 1
+    (0b10_0_0_0_1_0_0, 0),  # profile 0 inter frame, show_frame 0 (an alt-ref)
+    (0b10_0_0_1_0_0_0, 1),  # profile 0, show_existing_frame 1: shows a frame decoded before
+    (0b10_1_1_0_0_0_1, 1),  # profile 3 (reserved zero bit after the profile): show_frame is the last bit
+    (0b10_1_1_0_0_1_0, 0),  # profile 3: frame_type 1, show_frame 0
+    (0b10_1_1_0_1_0_0, 1),  # profile 3, show_existing_frame 1
+])
+def test_vp9_header_bits_per_profile(first_byte, shown):
+    """Bit positions of the VP9 uncompressed header (spec §6.2), for the profiles no test clip here covers."""
+    assert shown_frames("vp9", bytes([first_byte, 0, 0, 0])) == shown
+
+
+def test_superframe_index_with_two_byte_sizes():
+    """A superframe laid out by hand from the spec (Annex B): a 300-byte hidden frame, a 10-byte shown one, and
+    the index 0b110_01_001 (2 bytes per size, 2 frames), the sizes little-endian, the marker byte at both ends."""
+    hidden, shown = bytes([0b10_0_0_0_1_0_0]) + bytes(299), bytes([0b10_0_0_0_1_1_0]) + bytes(9)
+    marker = 0b110_01_001
+    packet = hidden + shown + bytes([marker, 300 & 0xFF, 300 >> 8, 10, 0, marker])
+    assert vp9_frames(packet) == [hidden, shown] and shown_frames("vp9", packet) == 1
+    assert shown_frames("vp9", shown + shown + bytes([marker, 10, 0, 10, 0, marker])) == 2
+    # Without the marker byte at the start of the index the end is frame data, not an index: one frame.
+    assert vp9_frames(hidden + shown + bytes([0, 300 & 0xFF, 300 >> 8, 10, 0, marker])) == [
+        hidden + shown + bytes([0, 300 & 0xFF, 300 >> 8, 10, 0, marker])]
+
+
+def test_vp8_frames_with_show_frame_cleared(tmp_path):
+    clip = tmp_path / "clip.webm"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libvpx", rate=30, options={"deadline": "realtime", "cpu-used": "8"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for pts, rgb in enumerate(index_frames(30, 48, 64)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    assert probe_video(clip).num_frames == 30 == decoded_frame_count(clip)
+    hidden = hide_frames(clip, tmp_path / "hidden_tail.webm", range(26, 30), flag=0x10)
+    assert probe_video(hidden).num_frames == 26 == decoded_frame_count(hidden)
+    with pytest.raises(ProbeError, match="packet 11 of 30 shows no frame"):
+        probe_video(hide_frames(clip, tmp_path / "hidden_middle.webm", [10], flag=0x10))
