@@ -319,6 +319,14 @@ def step_gpu_tests(suite: Suite, budget_s: float, log) -> tuple[str, str]:
     return result.status, result.error
 
 
+def clip_sets_failure(suite: Suite, deadline: float, log) -> tuple[str, str] | None:
+    """ensure_clip_sets, as a step's (status, message) when making the sets failed, else None."""
+    made = ensure_clip_sets(suite, deadline, log)
+    if made is not None and made.status != "ok":
+        return made.status, f"making the clip sets: {made.error}"
+    return None
+
+
 def ensure_clip_sets(suite: Suite, deadline: float, log) -> CommandResult | None:
     """Makes the suite's clip sets once (H.264 GOP 250 and 16 with CUDA; a VP9 toy set under --smoke on a CPU)."""
     if suite.clip_sets:
@@ -369,9 +377,9 @@ def decoded_frames_per_clip(num_frames: int, gop: int, clip_len: int, frame_inte
 
 def step_nvdec_ceiling(suite: Suite, budget_s: float, log) -> tuple[str, str]:
     deadline = time.monotonic() + budget_s
-    made = ensure_clip_sets(suite, deadline, log)
-    if made is not None and made.status != "ok":
-        return made.status, f"making the clip sets: {made.error}"
+    failure = clip_sets_failure(suite, deadline, log)
+    if failure is not None:
+        return failure
     gpu_run = suite.cuda and not suite.smoke
     if gpu_run:
         sets = {250: suite.clip_sets["h264_gop250"], 16: suite.clip_sets["h264_gop16"]}
@@ -484,9 +492,9 @@ def step_train_step(suite: Suite, budget_s: float, log) -> tuple[str, str]:
 
 
 def step_end_to_end(suite: Suite, budget_s: float, log) -> tuple[str, str]:
-    made = ensure_clip_sets(suite, time.monotonic() + budget_s, log)
-    if made is not None and made.status != "ok":
-        return made.status, f"making the clip sets: {made.error}"
+    failure = clip_sets_failure(suite, time.monotonic() + budget_s, log)
+    if failure is not None:
+        return failure
     folder, _ = main_set(suite)
     script = "benchmarks/end_to_end.py"
     if suite.smoke:
@@ -500,9 +508,9 @@ def step_end_to_end(suite: Suite, budget_s: float, log) -> tuple[str, str]:
 
 
 def step_evaluate(suite: Suite, budget_s: float, log) -> tuple[str, str]:
-    made = ensure_clip_sets(suite, time.monotonic() + budget_s, log)
-    if made is not None and made.status != "ok":
-        return made.status, f"making the clip sets: {made.error}"
+    failure = clip_sets_failure(suite, time.monotonic() + budget_s, log)
+    if failure is not None:
+        return failure
     folder, _ = main_set(suite)
     script = "benchmarks/evaluate.py"
     if suite.smoke:
