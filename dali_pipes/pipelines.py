@@ -27,18 +27,20 @@ def _decode(encoded, frames, decode_device: str):
     return fn.decoders.video(encoded, device=decode_device, frames=frames, pad_mode="none")
 
 
+def _decode_to(encoded, frames, decode_device: str, augment_on_gpu: bool):
+    """_decode on `decode_device`, the frames then on the device the augmentations run on."""
+    video = _decode(encoded, frames, decode_device)
+    return video.gpu() if augment_on_gpu and decode_device == "cpu" else video
+
+
 def _decode_routed(encoded, frames, decode_device: str, augment_on_gpu: bool, decode_on_cpu):
-    """_decode, but samples whose `decode_on_cpu` is set go to DALI's CPU decoder (videos NVDEC refuses, see
-    nvdec.py), the others to `decode_device`; the branches' frames are moved to one device and merged in sample
-    order (DALI conditionals: each branch runs only on its samples)."""
+    """_decode_to, but samples whose `decode_on_cpu` is set go to DALI's CPU decoder (videos NVDEC refuses, see
+    nvdec.py), the others to `decode_device`; the branches' frames are merged in sample order (DALI conditionals:
+    each branch runs only on its samples)."""
     if decode_on_cpu:
-        video = _decode(encoded, frames, "cpu")
-        if augment_on_gpu:
-            video = video.gpu()
+        video = _decode_to(encoded, frames, "cpu", augment_on_gpu)
     else:
-        video = _decode(encoded, frames, decode_device)
-        if augment_on_gpu and decode_device == "cpu":
-            video = video.gpu()
+        video = _decode_to(encoded, frames, decode_device, augment_on_gpu)
     return video
 
 
@@ -53,9 +55,7 @@ def _decode_and_resize(encoded, frames, height, width, needs_resize, decode_devi
     if decode_on_cpu is not None:
         video = _decode_routed(encoded, frames, decode_device, augment_on_gpu, decode_on_cpu)
     else:
-        video = _decode(encoded, frames, decode_device)
-        if augment_on_gpu and decode_device == "cpu":
-            video = video.gpu()
+        video = _decode_to(encoded, frames, decode_device, augment_on_gpu)
     if needs_resize:
         video = _resize(video, height, width)
     return video
