@@ -7,7 +7,8 @@
 
 Each video is tested as evaluate.py tests (test.views clips x crops, softmax per view, mean over views), with the
 same frame sampling, resizing and crops. DALI decodes where it can on the device data.decode_device chooses (the
-GPU's NVDEC for any common codec; the CPU for VP8/VP9/MJPEG only, also on a GPU machine with
+GPU's NVDEC for what it takes on this GPU (dali_pipes/nvdec.py), plus, with data.decode_device=auto, the
+VP8/VP9/MJPEG videos it refuses on DALI's CPU decoder; the CPU for VP8/VP9/MJPEG only, also on a GPU machine with
 data.decode_device=cpu); the other videos are decoded with PyAV (`--decoder auto`). The DALI videos share one
 loader and each is decoded once. Class names come from --class-names, else data.class_names of the config, else
 `class_<index>`. With more than a handful of videos a progress bar runs on stderr; results go to stdout.
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from config import ConfigError, DataConfig, add_config_arguments, parse_views
 from dali_pipes.lists import ListError, read_class_names
 from dali_pipes.loader import LoaderError, UnreadableVideo, VideoLoader
+from dali_pipes.nvdec import nvdec_refusal
 from dali_pipes.probe import CPU_CODECS, ProbeError, VideoInfo, probe_video
 from dali_pipes.pyav_clips import eval_views
 from evaluate import average_views, inference_setup, resolve_run
@@ -36,9 +38,6 @@ from model import CheckpointError, build_model, load_checkpoint
 log = logging.getLogger("predict")
 TOP_K = 5
 PROGRESS_MIN_VIDEOS = 5  # more videos than this: a progress bar on stderr
-# What DALI's mixed (NVDEC) video decoder reads, as the README's CPU vs GPU table lists it; the CPU decoder reads
-# only CPU_CODECS.
-NVDEC_CODECS = ("h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,15 +66,23 @@ def dali_decode_device(decode_device: str, on_gpu: bool) -> str:
     return "gpu" if on_gpu and decode_device != "cpu" else "cpu"
 
 
-def dali_reads(info: VideoInfo, decode_on: str) -> bool:
-    """Whether DALI's video decoder on `decode_on` ('gpu' or 'cpu') reads this video's codec."""
-    return info.codec in (NVDEC_CODECS if decode_on == "gpu" else CPU_CODECS)
+def dali_reads(info: VideoInfo, decode_on: str, capability: tuple[int, int] | None = None,
+               decode_device: str = "auto") -> bool:
+    """Whether DALI decodes this video where it decodes (`decode_on`, from dali_decode_device): on the CPU the
+    CPU_CODECS; on a GPU of compute `capability` what NVDEC takes (nvdec.py), and with data.decode_device=auto
+    also the CPU_CODECS videos NVDEC refuses (the loader routes those to DALI's CPU decoder)."""
+    if decode_on == "cpu":
+        return info.codec in CPU_CODECS
+    if nvdec_refusal(info.codec, info.profile, info.pix_fmt, info.width, info.height, capability) is None:
+        return True
+    return decode_device == "auto" and info.codec in CPU_CODECS
 
 
-def use_dali(info: VideoInfo, decoder: str, decode_on: str) -> bool:
-    """Whether DALI decodes this video: `--decoder auto` picks it where DALI reads the codec on `decode_on`."""
+def use_dali(info: VideoInfo, decoder: str, decode_on: str, capability: tuple[int, int] | None = None,
+             decode_device: str = "auto") -> bool:
+    """Whether DALI decodes this video: `--decoder auto` picks it where DALI reads it (dali_reads)."""
     if decoder == "auto":
-        return dali_reads(info, decode_on)
+        return dali_reads(info, decode_on, capability, decode_device)
     return decoder == "dali"
 
 
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg, checkpoint = resolve_run(args)
         num_clips, num_crops = parse_views(cfg.test.views)
         decode_on = dali_decode_device(cfg.data.decode_device, device.type == "cuda")
+        capability = torch.cuda.get_device_capability(device) if decode_on == "gpu" else None
         names_file = args.class_names or cfg.data.class_names
         names = read_class_names(names_file, cfg.model.num_classes) if names_file else \
             [f"class_{i}" for i in range(cfg.model.num_classes)]
@@ -164,13 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.videos:
         try:
             infos[path] = info = probe_video(path)
-            if args.decoder == "dali" and not dali_reads(info, decode_on):
+            if args.decoder == "dali" and not dali_reads(info, decode_on, capability, cfg.data.decode_device):
                 raise ProbeError(f"DALI cannot decode {info.codec} on the {decode_on.upper()} (data.decode_device="
                                  f"{cfg.data.decode_device}); use --decoder auto or pyav")
         except ProbeError as e:
             infos[path] = e
     on_dali = [path for path in args.videos if isinstance(infos[path], VideoInfo)
-               and use_dali(infos[path], args.decoder, decode_on)]
+               and use_dali(infos[path], args.decoder, decode_on, capability, cfg.data.decode_device)]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="predict_") as work, progress_bar(len(args.videos)) as bar:
         dali = DaliViews(on_dali, cfg.data, (num_clips, num_crops), cfg.model.num_classes, device, Path(work),

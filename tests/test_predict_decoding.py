@@ -8,6 +8,7 @@ still run.
 
 import collections
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,17 @@ def test_the_decode_device_decides_which_codecs_dali_takes(videos):
     assert predict.dali_decode_device("auto", on_gpu=False) == "cpu"
     with pytest.raises(ConfigError, match="data.decode_device=gpu needs a CUDA device"):
         predict.dali_decode_device("gpu", on_gpu=False)
-    assert not predict.use_dali(h264, "auto", "cpu") and predict.use_dali(h264, "auto", "gpu")
-    assert predict.use_dali(vp9, "auto", "cpu") and predict.use_dali(vp9, "auto", "gpu")
-    assert not predict.use_dali(vp9, "pyav", "gpu") and predict.use_dali(h264, "dali", "gpu")
+    hopper = (9, 0)
+    assert not predict.use_dali(h264, "auto", "cpu") and predict.use_dali(h264, "auto", "gpu", hopper)
+    assert predict.use_dali(vp9, "auto", "cpu") and predict.use_dali(vp9, "auto", "gpu", hopper)
+    assert not predict.use_dali(vp9, "pyav", "gpu", hopper) and predict.use_dali(h264, "dali", "gpu", hopper)
+    # What NVDEC refuses goes to PyAV, not to a DALI loader that would stop at start-up: the 48x64 VP9 clip is
+    # below NVDEC's VP9 minimum (decoded by DALI's CPU decoder only under decode_device=auto), AV1 has no NVDEC on
+    # Hopper, 10-bit H.264 none before Blackwell.
+    assert not predict.use_dali(vp9, "auto", "gpu", hopper, decode_device="gpu")
+    assert not predict.use_dali(replace(h264, codec="av1"), "auto", "gpu", hopper)
+    assert not predict.use_dali(replace(h264, pix_fmt="yuv420p10le"), "auto", "gpu", hopper)
+    assert predict.use_dali(replace(h264, pix_fmt="yuv420p10le"), "auto", "gpu", (10, 0))
 
 
 def test_more_than_a_handful_of_videos_get_a_progress_bar(videos, run_files, capsys):
