@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from config import ConfigError, DataConfig, add_config_arguments, parse_views
-from dali_pipes.lists import ListError, read_class_names
+from dali_pipes.lists import ListError, class_names_or_indices
 from dali_pipes.loader import LoaderError, UnreadableVideo, VideoLoader
 from dali_pipes.nvdec import nvdec_refusal
 from dali_pipes.probe import CPU_CODECS, ProbeError, VideoInfo, probe_video
@@ -160,9 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         num_clips, num_crops = parse_views(cfg.test.views)
         decode_on = dali_decode_device(cfg.data.decode_device, device.type == "cuda")
         capability = torch.cuda.get_device_capability(device) if decode_on == "gpu" else None
-        names_file = args.class_names or cfg.data.class_names
-        names = read_class_names(names_file, cfg.model.num_classes) if names_file else \
-            [f"class_{i}" for i in range(cfg.model.num_classes)]
+        names = class_names_or_indices(args.class_names or cfg.data.class_names, cfg.model.num_classes)
         model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)
         load_checkpoint(model, checkpoint)
     except (ConfigError, CheckpointError, ListError) as e:

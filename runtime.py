@@ -27,7 +27,7 @@ from torch import nn
 
 from config import Config, ConfigError
 from dali_pipes.lists import ListError, read_video_list
-from dali_pipes.loader import LoaderError, VideoLoader, probe_cache_file
+from dali_pipes.loader import LoaderError, VideoLoader, mode_list, probe_cache_file
 from dali_pipes.probe import probe_videos
 from model import CheckpointError
 
@@ -232,11 +232,9 @@ def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int
         probe_group = dist.new_group(backend="gloo", timeout=PROBE_WAIT_TIMEOUT)
     try:
         if ctx.local_rank == 0:
-            list_file = {"train": cfg.data.train_list, "val": cfg.data.val_list, "test": cfg.data.test_list}[mode]
-            root = {"train": cfg.data.root, "val": cfg.data.val_root, "test": cfg.data.test_root}[mode]
+            list_file, root = mode_list(cfg.data, mode)
             if list_file:  # VideoLoader reports a missing list
-                probe_with_progress(list_file, root or cfg.data.root, cfg.model.num_classes,
-                                    max(cfg.data.num_threads, 4))
+                probe_with_progress(list_file, root, cfg.model.num_classes, max(cfg.data.num_threads, 4))
         if probe_group is not None:
             dist.barrier(group=probe_group)
     finally:

@@ -145,3 +145,10 @@ def _names_from_indices(rows: list[tuple[str, object, str]], path: Path) -> list
     if missing:
         raise ListError(f"{path}: class indices are not 0..{len(names) - 1}: {missing[0]} is missing")
     return [names[i] for i in range(len(names))]
+
+
+def class_names_or_indices(path: str | Path, num_classes: int) -> list[str]:
+    """read_class_names of `path`, or `class_<index>` names when no file is given ('' or None)."""
+    if path:
+        return read_class_names(path, num_classes)
+    return [f"class_{i}" for i in range(num_classes)]

@@ -206,11 +206,10 @@ class VideoLoader:
         num_clips, num_crops = {"train": (data_cfg.num_clips, 1), "val": (1, 1), "test": views}[mode]
         self.num_views = num_clips * num_crops
         self.clip_len = data_cfg.clip_len
-        list_file = {"train": data_cfg.train_list, "val": data_cfg.val_list, "test": data_cfg.test_list}[mode]
+        list_file, root = mode_list(data_cfg, mode)
         if not list_file:
             raise LoaderError(f"data.{mode}_list: no list file given for {mode}")
         self.cache_file = probe_cache_file(list_file)
-        root = {"train": data_cfg.root, "val": data_cfg.val_root, "test": data_cfg.test_root}[mode] or data_cfg.root
         self.records, self.skipped, infos = probe_list(list_file, root, num_classes,
                                                        max(data_cfg.num_threads, 4))
         decode_on_cpu = None
@@ -385,6 +384,13 @@ def _placement(decode_device: str, device_id: int | None) -> tuple[str, bool]:
     if device_id is None:
         return "cpu", False
     return ("cpu", True) if decode_device == "cpu" else ("mixed", True)
+
+
+def mode_list(data_cfg: DataConfig, mode: str) -> tuple[str, str]:
+    """(list file, folder its video paths are relative to) of mode train, val or test."""
+    list_file = {"train": data_cfg.train_list, "val": data_cfg.val_list, "test": data_cfg.test_list}[mode]
+    root = {"train": data_cfg.root, "val": data_cfg.val_root, "test": data_cfg.test_root}[mode] or data_cfg.root
+    return list_file, root
 
 
 def probe_cache_file(list_file: str) -> str:

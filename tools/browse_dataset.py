@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import Config, ConfigError, add_config_arguments, load_config, parse_views  # noqa: E402
 from dali_pipes import geometry  # noqa: E402
-from dali_pipes.lists import ListError, read_class_names  # noqa: E402
-from dali_pipes.loader import BatchSource, LoaderError, VideoLoader  # noqa: E402
+from dali_pipes.lists import ListError, class_names_or_indices  # noqa: E402
+from dali_pipes.loader import BatchSource, LoaderError, VideoLoader, mode_list  # noqa: E402
 from runtime import DistContext, build_video_loader  # noqa: E402
 
 log = logging.getLogger("browse_dataset")
@@ -74,10 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def split_views(cfg: Config, split: str) -> tuple[int, int]:
     """(clips, crops) per video the loader gives for `split`."""
     return {"train": (cfg.data.num_clips, 1), "val": (1, 1), "test": parse_views(cfg.test.views)}[split]
-
-
-def split_root(cfg: Config, split: str) -> str:
-    return {"train": cfg.data.root, "val": cfg.data.val_root, "test": cfg.data.test_root}[split] or cfg.data.root
 
 
 def to_uint8(clips: torch.Tensor) -> np.ndarray:
@@ -116,12 +112,9 @@ def collect(cfg: Config, split: str, num_videos: int, epoch: int) -> dict[str, n
         if len(frames) >= wanted:
             break
     frames, labels, video_idx = frames[:wanted], labels[:wanted], video_idx[:wanted]
-    root = split_root(cfg, split)
+    _, root = mode_list(cfg.data, split)
     paths = [os.path.relpath(loader.records[i].path, root) if root else loader.records[i].path for i in video_idx]
-    if cfg.data.class_names:
-        names = read_class_names(cfg.data.class_names, cfg.model.num_classes)
-    else:
-        names = [f"class_{i}" for i in range(cfg.model.num_classes)]
+    names = class_names_or_indices(cfg.data.class_names, cfg.model.num_classes)
     return {
         "frames": np.stack(frames),
         "frame_indices": np.stack([sampled_indices(loader, i, epoch) for i in video_idx]),
