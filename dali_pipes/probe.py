@@ -9,6 +9,8 @@ For each video we demux the packets of its first video stream (PyAV; no pixel is
   and the packet table (DALI would number them as frames and return black or wrong pixels for them); such a packet
   before a shown one, or a packet showing several frames, makes the video unusable (DALI's numbering would then
   disagree with ours). Other codecs (MJPEG; H.264/HEVC/AV1 on the GPU) show one frame per packet.
+- `hidden_frames`: how many frames the packets decode but do not show (VP9 alt-refs inside superframes): whether
+  NVDEC numbers such files as the CPU decoder does is unproven, so nvdec.py can route them.
 - `keyframes`: display indices of the clean seek points, i.e. keyframes from which decoding yields exactly the
   frames that follow them in display order (no leading pictures that reference the previous GOP). A clip is
   decoded from the clean keyframe at or before its first frame (see segments.py).
@@ -63,6 +65,9 @@ class VideoInfo:
     pix_fmt: str = ""  # FFmpeg pixel format, e.g. 'yuv420p', 'yuv420p10le', 'yuvj422p' ('' when unknown)
     packets: str = ""  # packet table (pack_packets), '' when segments.py must remux with PyAV
     extradata: str = ""  # codec configuration record, base64 ('' when none)
+    # Frames decoded but never shown (VP9 alt-ref frames packed into a superframe with a shown one): 0 for other
+    # codecs; -1 when unknown (an entry of a version-3 probe cache, written before the probe counted them).
+    hidden_frames: int = 0
 
 
 class ProbeError(ValueError):
@@ -83,14 +88,16 @@ def probe_video(path: str | Path) -> VideoInfo:
                 raise ProbeError("no video stream (audio only?)")
             stream = container.streams.video[0]
             codec = stream.codec_context.name
-            # (pts, is_keyframe), (byte offset in the file or -1, size) and frames shown per packet, decode order
-            packets, places, shown = [], [], []
+            # (pts, is_keyframe), (byte offset in the file or -1, size), frames shown and frames hidden per packet,
+            # decode order
+            packets, places, shown, hidden = [], [], [], []
             for p in container.demux(stream):
                 if p.size > 0:
                     data = bytes(p)
                     packets.append((p.pts if p.pts is not None else p.dts, bool(p.is_keyframe)))
                     places.append((_locate(blob, p.pos, data), p.size))
                     shown.append(shown_frames(codec, data))
+                    hidden.append(hidden_frames(codec, data))
             width, height = stream.codec_context.width, stream.codec_context.height
             profile, pix_fmt = stream.codec_context.profile or "", stream.codec_context.pix_fmt or ""
             extradata = stream.codec_context.extradata or b""
@@ -118,7 +125,8 @@ def probe_video(path: str | Path) -> VideoInfo:
             codec not in _NEEDS_EXTRADATA or extradata[:1] == bytes([_NEEDS_EXTRADATA[codec]])):
         table = pack_packets([o for o, _ in places], [s for _, s in places], display_order(packets))
     return VideoInfo(len(packets), clean_keyframes(packets), codec, width, height, container_name,
-                     str(profile), str(pix_fmt), table, base64.b64encode(extradata).decode() if table else "")
+                     str(profile), str(pix_fmt), table, base64.b64encode(extradata).decode() if table else "",
+                     sum(hidden[:num_shown]))
 
 
 def _locate(blob: bytes, pos: int | None, data: bytes) -> int:
@@ -142,6 +150,14 @@ def shown_frames(codec: str, data: bytes) -> int:
         # show_frame (bit 4), first partition size.
         return 1 if data[0] & 0x10 else 0
     return 1
+
+
+def hidden_frames(codec: str, data: bytes) -> int:
+    """How many frames of one packet are decoded but not shown: the hidden frames of a VP9 superframe (an alt-ref
+    packed with a shown frame), 0 for other codecs (a VP8 hidden frame is a packet of its own: `shown_frames`)."""
+    if codec != "vp9":
+        return 0
+    return sum(not _vp9_shows(frame) for frame in vp9_frames(data))
 
 
 def vp9_frames(data: bytes) -> list[bytes]:
@@ -277,7 +293,8 @@ def _entry_result(entry) -> VideoInfo | str | None:
         if isinstance(entry.get("error"), str):
             return entry["error"]
         info = entry["info"]
-        return VideoInfo(**{**info, "keyframes": tuple(int(k) for k in info["keyframes"])})
+        # A version-3 entry has no hidden_frames: unknown (-1), not 0 (nvdec routing treats unknown as hidden).
+        return VideoInfo(**{"hidden_frames": -1, **info, "keyframes": tuple(int(k) for k in info["keyframes"])})
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
 

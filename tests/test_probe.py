@@ -227,7 +227,8 @@ def test_superframes_with_hidden_alt_ref_frames_count_as_one_shown_frame(tmp_pat
         index_size = 2 + 2 * ((packets[n][-1] >> 3 & 3) + 1)  # marker byte twice, 2 frame sizes
         assert packets[n] == frames[0] + frames[1] + packets[n][-index_size:], n
     info = probe_video(clip)
-    assert info.num_frames == 90
+    assert info.num_frames == 90 and info.hidden_frames == len(starts_hidden)
+    assert probe_video(write_video(tmp_path / "plain.webm", index_frames(20, 48, 64), codec="vp9")).hidden_frames == 0
     assert [read_index(frame) for frame in CpuDecoder()(np.fromfile(clip, np.uint8), [12, 89])] == [12, 89]
 
 
