@@ -73,7 +73,8 @@ def dali_reads(info: VideoInfo, decode_on: str, capability: tuple[int, int] | No
     also the CPU_CODECS videos NVDEC refuses (the loader routes those to DALI's CPU decoder)."""
     if decode_on == "cpu":
         return info.codec in CPU_CODECS
-    if nvdec_refusal(info.codec, info.profile, info.pix_fmt, info.width, info.height, capability) is None:
+    if nvdec_refusal(info.codec, info.profile, info.pix_fmt, info.width, info.height, capability,
+                     hidden_frames=info.hidden_frames) is None:
         return True
     return decode_device == "auto" and info.codec in CPU_CODECS
 

@@ -20,6 +20,12 @@ Sources, and how sure each number is:
 - MJPEG: the application note lists no (M)JPEG decoding; we treat it as not taken, so `auto` decodes MJPEG on
   the CPU (uncertain: DALI may decode it on the GPU through another path).
 - Bit depth and chroma beyond the above (VP9 profiles 1-3, AV1 4:4:4) are treated as refused: not in the note.
+- VP9 with hidden (alt-ref) frames, i.e. superframes that decode a frame they do not show (VideoInfo.hidden_frames):
+  treated as refused until benchmarks/gpu_suite.py's decode step shows, on a GPU, that DALI's `mixed` decoder
+  numbers such a file's frames as its CPU decoder does (one frame per packet). Nothing in the table says NVDEC
+  refuses them; what is unproven is the numbering: DALI's GPU path takes the pictures NVDEC's parser hands out,
+  and whether a hidden picture is skipped there has not been run. YouTube-derived WebM files (Kinetics) carry
+  such frames; our test clips do not.
 """
 
 from __future__ import annotations
@@ -68,11 +74,20 @@ _SIZES = {"h264": (48, 16, 4096, 4096), "hevc": (144, 144, 8192, 8192), "vp8": (
 
 
 def nvdec_refusal(codec: str, profile: str, pix_fmt: str, width: int, height: int,
-                  capability: tuple[int, int]) -> str | None:
-    """Why NVDEC on a GPU of `capability` would refuse this video, or None when it takes it."""
+                  capability: tuple[int, int], *, hidden_frames: int = 0) -> str | None:
+    """Why NVDEC on a GPU of `capability` would refuse this video, or None when it takes it.
+
+    `hidden_frames`: frames the packets decode but do not show (probe.VideoInfo.hidden_frames; -1 unknown); it
+    matters for VP9 only, the one codec whose superframes the probe counts them in.
+    """
     gen = generation(capability)
     if codec not in _SIZES:
         return f"NVDEC does not decode {codec}"
+    if codec == "vp9" and hidden_frames < 0:
+        return ("VP9 whose hidden (alt-ref) frames are not known: probed by an older version (probe it again: remove "
+                "the list's probe cache); NVDEC's frame numbering of VP9 with hidden frames is unproven")
+    if codec == "vp9" and hidden_frames > 0:
+        return f"VP9 with {hidden_frames} hidden (alt-ref) frames: NVDEC's frame numbering of those is unproven"
     fmt = pixel_format(pix_fmt)
     if fmt is None:
         return f"pixel format {pix_fmt or 'unknown'} not in NVDEC's table"
@@ -123,7 +138,8 @@ def plan_decoding(paths: list[str], infos: list, decode_device: str, capability:
     (NVDEC only). Returns (decode on the CPU, per video; the start-up line to log, or None when NVDEC takes all).
     Raises RoutingError, one line: how many videos, the first few, why, and what to do.
     """
-    refusals = [nvdec_refusal(i.codec, i.profile, i.pix_fmt, i.width, i.height, capability) for i in infos]
+    refusals = [nvdec_refusal(i.codec, i.profile, i.pix_fmt, i.width, i.height, capability,
+                              hidden_frames=i.hidden_frames) for i in infos]
     refused = [k for k, reason in enumerate(refusals) if reason is not None]
     gen = generation(capability)
     if not refused:

@@ -53,6 +53,18 @@ def test_the_table_on_hand_made_cases(codec, profile, pix_fmt, size, capability,
         assert reason is not None and refused in reason
 
 
+@pytest.mark.parametrize("codec, hidden_frames, refused", [
+    ("vp9", 0, None),
+    ("vp9", 3, "VP9 with 3 hidden (alt-ref) frames: NVDEC's frame numbering of those is unproven"),
+    ("vp9", -1, "VP9 whose hidden (alt-ref) frames are not known: probed by an older version"),
+    ("h264", -1, None),  # an old cache entry of another codec: hidden frames are a VP9 matter
+    ("av1", -1, "no AV1 decoding on Hopper"),
+])
+def test_vp9_with_hidden_frames_is_refused_until_proven(codec, hidden_frames, refused):
+    reason = nvdec_refusal(codec, "", "yuv420p", 340, 256, HOPPER, hidden_frames=hidden_frames)
+    assert reason == refused if refused is None else reason.startswith(refused)
+
+
 def test_pixel_formats_and_generations():
     assert pixel_format("yuv420p") == (8, "420") and pixel_format("yuvj422p") == (8, "422")
     assert pixel_format("yuv420p10le") == (10, "420") and pixel_format("yuv444p12be") == (12, "444")
@@ -70,8 +82,9 @@ def test_the_table_on_probed_clips(videos, h264_k400_size):
     assert nvdec_refusal(big.codec, big.profile, big.pix_fmt, big.width, big.height, HOPPER) is None
 
 
-def info(codec, width=340, height=256, pix_fmt="yuv420p", profile=""):
-    return SimpleNamespace(codec=codec, width=width, height=height, pix_fmt=pix_fmt, profile=profile)
+def info(codec, width=340, height=256, pix_fmt="yuv420p", profile="", hidden_frames=0):
+    return SimpleNamespace(codec=codec, width=width, height=height, pix_fmt=pix_fmt, profile=profile,
+                           hidden_frames=hidden_frames)
 
 
 def test_auto_sends_refused_cpu_codecs_to_the_cpu_and_says_so():
@@ -114,6 +127,25 @@ def test_real_probed_clips_are_planned(videos, h264_k400_size):
     infos = [probe_video(p) for p in paths]
     on_cpu, line = plan_decoding(paths, infos, "auto", HOPPER, CPU_CODECS)
     assert on_cpu == [True, False, False] and line.startswith("1 of 3 videos")
+
+
+def test_auto_sends_a_probed_vp9_clip_with_hidden_frames_to_the_cpu(tmp_path):
+    """A real libvpx clip with alt-ref superframes, large enough for NVDEC (160x128): auto decodes it on the CPU and
+    says why, NVDEC keeps the plain VP9 clip of the same size; gpu stops at start-up."""
+    from test_probe import write_alt_ref_clip
+
+    alt_ref = write_alt_ref_clip(tmp_path / "alt_ref.webm", index_frames(60, 128, 160))
+    plain = write_video(tmp_path / "plain.webm", index_frames(20, 128, 160), codec="vp9")
+    paths = [str(plain), str(alt_ref)]
+    infos = [probe_video(p) for p in paths]
+    assert infos[0].hidden_frames == 0 and infos[1].hidden_frames > 0
+    on_cpu, line = plan_decoding(paths, infos, "auto", HOPPER, CPU_CODECS)
+    assert on_cpu == [False, True]
+    assert line == (f"1 of 2 videos are decoded by DALI's CPU decoder, the rest by NVDEC: NVDEC on this Hopper GPU "
+                    f"refuses them ({alt_ref}: VP9 with {infos[1].hidden_frames} hidden (alt-ref) frames: NVDEC's "
+                    f"frame numbering of those is unproven)")
+    with pytest.raises(RoutingError, match="hidden"):
+        plan_decoding(paths, infos, "gpu", HOPPER, CPU_CODECS)
 
 
 def run_graph(spec, mode, routed, batch_size):
