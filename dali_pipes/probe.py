@@ -87,7 +87,7 @@ def probe_video(path: str | Path) -> VideoInfo:
             if not container.streams.video:
                 raise ProbeError("no video stream (audio only?)")
             stream = container.streams.video[0]
-            codec = stream.codec_context.name
+            codec = stream.codec_context.codec.canonical_name  # the codec, not the decoder: av1, not libdav1d
             # (pts, is_keyframe), (byte offset in the file or -1, size), frames shown and frames hidden per packet,
             # decode order
             packets, places, shown, hidden = [], [], [], []

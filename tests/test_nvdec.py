@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import av
 import numpy as np
 import pytest
 
@@ -80,6 +81,25 @@ def test_the_table_on_probed_clips(videos, h264_k400_size):
     big = probe_video(h264_k400_size)
     assert (big.codec, big.profile, big.pix_fmt, big.width, big.height) == ("h264", "High", "yuv420p", 256, 192)
     assert nvdec_refusal(big.codec, big.profile, big.pix_fmt, big.width, big.height, HOPPER) is None
+
+
+@pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="this PyAV has no AV1 encoder (libsvtav1)")
+def test_a_probed_av1_clip_is_named_av1_and_planned_by_generation(tmp_path):
+    """PyAV decodes AV1 with libdav1d: the probe names the codec (av1), not the decoder, so the table applies."""
+    path = tmp_path / "av1.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libsvtav1", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 256, 192, "yuv420p"
+        for pts, rgb in enumerate(index_frames(4, 192, 256)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    probed = probe_video(path)
+    assert probed.codec == "av1"
+    assert nvdec_refusal(probed.codec, probed.profile, probed.pix_fmt, probed.width, probed.height, HOPPER) == \
+        "no AV1 decoding on Hopper (NVDEC has it on Ampere GA10x, Ada and Blackwell)"
+    assert nvdec_refusal(probed.codec, probed.profile, probed.pix_fmt, probed.width, probed.height, ADA) is None
 
 
 def info(codec, width=340, height=256, pix_fmt="yuv420p", profile="", hidden_frames=0):
