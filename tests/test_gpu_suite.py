@@ -144,9 +144,11 @@ def test_the_suite_ends_within_its_budget(tmp_path):
     assert not list(tmp_path.glob("gpu_suite_*")), "the temporary folder was not removed"
 
 
-def test_a_timed_out_command_is_killed_with_its_whole_process_tree(tmp_path):
+@pytest.mark.slow
+def test_a_timed_out_command_is_killed_with_its_whole_process_tree(tmp_path, monkeypatch):
     """A command whose child starts two grandchildren, one in the command's process group and one in a session of
     its own (as a test's subprocess may be): past the limit, all of them are gone."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the suite's commands inherit it
     args = gpu_suite.parse_args(["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path)])
     suite = gpu_suite.Suite(args)
     pids = tmp_path / "pids"
