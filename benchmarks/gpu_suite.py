@@ -18,8 +18,8 @@ every subprocess starts in a process group of its own, and one past its time is 
    pixels within the limits the colour conversion gives: max 2 and mean 1.2 grey levels in test mode, max 3 in
    train);
 3. gpu_tests: `pytest -m "gpu and not slow"` with a share of at least 120 s and a junit XML report; the slow GPU
-   tests (tests/test_gpu_resume.py's train.py runs) only when the step has 150 s left after them, else recorded as
-   skipped;
+   tests (tests/test_gpu_resume.py's train.py runs) only when 150 s of the step's share are left after the fast
+   ones (the share grows by 150 s from --budget 700 on), else recorded as skipped;
 4. nvdec_ceiling: the train loader on H.264 340x256 K400-like clips (GOP 250 and 16) over data.decode_pipelines
    and data.num_threads: delivered clips/s, decoded frames/s (estimated from the sampling), GPU, NVDEC and CPU
    use; first ours against the PyAV DataLoader baselines on all cores (the loader goal). Combos the budget leaves
@@ -72,6 +72,8 @@ RECIPES = ("k400_8x8x1.yaml", "k400_32x2x1.yaml")
 DEFAULT_BUDGET_S = 300
 GPU_TESTS_FLOOR_S = 120  # gpu_tests' share is at least this (when the budget has it): the GPU tests need ~1-2 min
 SLOW_GPU_TESTS_S = 150  # the slow GPU tests run only with this much of the step's share left (five train.py runs)
+# gpu_tests' share grows by SLOW_GPU_TESTS_S when this much of the budget is left at it (--budget 700 or more)
+SLOW_GPU_TESTS_FROM_S = 2 * (GPU_TESTS_FLOOR_S + SLOW_GPU_TESTS_S)
 LOGS_ARCHIVE = "gpu_suite_logs.tar.gz"
 KILL_GRACE_S = 3  # SIGTERM, then this long, then SIGKILL
 
@@ -85,9 +87,9 @@ class Step:
 
 STEPS = (
     Step("machine", 3),
-    Step("decode", 12, "GPU decoding is what this step checks"),
+    Step("decode", 15, "GPU decoding is what this step checks"),
     Step("gpu_tests", 12, "the gpu-marked tests skip without CUDA"),
-    Step("nvdec_ceiling", 30, "the grid measures NVDEC on H.264"),
+    Step("nvdec_ceiling", 27, "the grid measures NVDEC on H.264"),
     Step("train_step", 18),
     Step("end_to_end", 14),
     Step("evaluate", 13),
@@ -446,7 +448,7 @@ def step_gpu_tests(suite: Suite, budget_s: float, log) -> tuple[str, str]:
             suite.write({"step": "gpu_tests", "check": check, "type": "command", "status": "skipped", "marks": marks,
                          "reason": f"{left:.0f} s left of the step's {budget_s:.0f} s; the slow GPU tests "
                                    f"(tests/test_gpu_resume.py's train.py runs) run with at least {SLOW_GPU_TESTS_S} "
-                                   f"s (--budget 600 leaves them time)"})
+                                   f"s (--budget 700 leaves them time)"})
             continue
         result = suite.run("gpu_tests", f'pytest -m "{marks}"', suite.inner("gpu_tests", left, "--marks", marks,
                                                                              "--check", check), left, log)
@@ -783,11 +785,13 @@ def write_summary(suite: Suite) -> str:
 
 def step_share(index: int, left_s: float) -> float:
     """Seconds step `index` may take of the `left_s` still in the budget: its weight's part of what the steps from it
-    on weigh together; gpu_tests at least GPU_TESTS_FLOOR_S (when that much is left)."""
+    on weigh together; gpu_tests at least GPU_TESTS_FLOOR_S (when that much is left), and SLOW_GPU_TESTS_S more for
+    the slow GPU tests when SLOW_GPU_TESTS_FROM_S are left."""
     step = STEPS[index]
     share = left_s * step.weight / sum(s.weight for s in STEPS[index:])
     if step.name == "gpu_tests":
-        share = max(share, min(GPU_TESTS_FLOOR_S, left_s))
+        floor = GPU_TESTS_FLOOR_S + (SLOW_GPU_TESTS_S if left_s >= SLOW_GPU_TESTS_FROM_S else 0)
+        share = max(share, min(floor, left_s))
     return share
 
 
@@ -1056,7 +1060,7 @@ def _boxed_index_frames(num_frames: int, height: int, width: int):
 
     frames = k400like_frames(np.random.default_rng(7), num_frames, height, width)
     frames[:, height // 4:3 * height // 4, width // 4:3 * width // 4] = \
-        index_frames(num_frames, 1, 1)[:, :1, :1]
+        index_frames(num_frames, 1, 1)
     return frames
 
 

@@ -193,6 +193,9 @@ def test_the_plan_gives_gpu_tests_its_floor_and_stays_inside_the_budget():
     assert all(share > 0 for share in shares.values())
     small = gpu_suite.plan(60)
     assert small["gpu_tests"] <= 60 and sum(small.values()) <= 60
+    large = gpu_suite.plan(700)  # room for the slow GPU tests after the fast ones
+    assert large["gpu_tests"] >= gpu_suite.GPU_TESTS_FLOOR_S + gpu_suite.SLOW_GPU_TESTS_S
+    assert sum(large.values()) <= 700
 
 
 def test_gpu_monitor_records_a_metric_it_cannot_read_as_null_with_the_reason(tmp_path):
