@@ -232,3 +232,28 @@ def test_on_a_gpu_auto_decodes_small_vp9_on_the_cpu_and_gpu_refuses_it(videos, h
     with pytest.raises(LoaderError, match=r"1 of 2 videos cannot be decoded by NVDEC on this .* GPU \(.*long\.webm: "
                                           r"64x48 is smaller than NVDEC's vp9 minimum 128x128\)"):
         VideoLoader(data_config(list_file, decode_device="gpu"), "val", batch_size=2, num_classes=2, device_id=0)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_decodes_vp9_with_hidden_frames_on_the_cpu(tmp_path, caplog):
+    """A 256x192 libvpx clip with alt-ref superframes, which NVDEC's size rule takes: auto still sends it to DALI's
+    CPU decoder (its NVDEC numbering is unproven), says so, and the frames are the sampled ones."""
+    import logging
+
+    from dali_pipes.loader import VideoLoader
+    from dali_pipes.sampling import sample_frames
+    from test_loader import data_config, frame_indices, write_list
+    from test_probe import write_alt_ref_clip
+
+    clip = write_alt_ref_clip(tmp_path / "alt_ref.webm", index_frames(60, 192, 256))
+    assert probe_video(clip).hidden_frames > 0
+    list_file = write_list(tmp_path, [(clip, 0)])
+    with caplog.at_level(logging.INFO, logger="dali_pipes.loader"):
+        loader = VideoLoader(data_config(list_file, decode_device="auto", clip_len=4, frame_interval=4,
+                                         short_side=192, val_crop=192, test_crop=192), "val", batch_size=1,
+                             num_classes=1, device_id=0)
+    assert loader.spec.decode_on_cpu == (True,)
+    assert "hidden (alt-ref) frames: NVDEC's frame numbering of those is unproven" in caplog.text
+    (batch,) = list(loader)
+    assert batch.clips.is_cuda
+    assert frame_indices(batch.clips.cpu()).tolist() == [sample_frames(60, 4, 4, 1, test_mode=True)[0].tolist()]
