@@ -1,9 +1,10 @@
-"""Probe behaviours only a slow test or no test guarded (audit round 2, issue 23 item 8): the hidden-frame count of
-a VP9 file with hidden packets at its end, and the "unknown" hidden count of a cache entry that predates it."""
+"""Probe behaviours no fast test guarded (audit round 2, issue 23 item 8): the hidden-frame count of a VP9 file with
+hidden packets at its end, the "unknown" hidden count of a cache entry that predates it, and two corners of the
+VP9 packet parsing (hand-laid bytes, as test_probe's superframe test: the encoder here makes neither)."""
 
 import json
 
-from dali_pipes.probe import CACHE_VERSION, probe_video, probe_videos
+from dali_pipes.probe import CACHE_VERSION, hidden_frames, probe_video, probe_videos, shown_frames, vp9_frames
 from test_probe import hide_frames
 from tools.make_synthetic import index_frames, write_video
 
@@ -30,3 +31,21 @@ def test_a_cache_entry_without_a_hidden_count_reads_as_unknown_not_as_none(tmp_p
     infos, failures = probe_videos([clip], cache)
     assert failures == {} and infos[clip].hidden_frames == -1
     assert infos[clip].num_frames == 20  # the rest of the entry is read as it was
+
+
+def test_a_superframe_index_whose_sizes_overrun_the_packet_is_frame_data():
+    """Sizes that add up to more than the bytes before the index (here by one byte) are no index: the packet is one
+    frame, as the decoder reads it, and nothing is sliced out of it."""
+    hidden, shown = bytes([0b10_0_0_0_1_0_0]) + bytes(19), bytes([0b10_0_0_0_1_1_0]) + bytes(9)
+    marker = 0b110_00_001  # 1 byte per size, 2 frames
+    packet = hidden + shown + bytes([marker, 20, 11, marker])  # 20 + 11 = 31 > the 30 bytes of frames
+    assert vp9_frames(packet) == [packet]
+    assert vp9_frames(hidden + shown + bytes([marker, 20, 10, marker])) == [hidden, shown]  # the exact sizes
+
+
+def test_a_frame_without_the_vp9_frame_marker_counts_as_one_shown_frame():
+    """First bits other than frame_marker 0b10: not a header we can read; counted as a shown frame (so the count
+    stays the packet count DALI numbers by) and left to the decoder to reject, never as a hidden frame."""
+    for first_byte in (0x00, 0x45, 0xC2):
+        packet = bytes([first_byte, 0, 0, 0])
+        assert (shown_frames("vp9", packet), hidden_frames("vp9", packet)) == (1, 0), hex(first_byte)
