@@ -182,6 +182,20 @@ def test_element_sizes_are_valid_ebml_numbers_at_every_length_boundary():
         assert ebml_number(coded, 0) == (n, len(coded)), (n, coded.hex())
 
 
+def test_a_file_shorter_than_its_probe_stops_the_cut_with_what_to_do(videos, tmp_path):
+    """A file cut short after it was probed (a stale cache entry): the fast cut reads fewer bytes than its packet
+    table needs and must say so, not hand DALI a cut missing its last packets."""
+    info = probe_video(videos["long_webm"])
+    short = tmp_path / "short_now.webm"
+    data = videos["long_webm"].read_bytes()
+    offsets, sizes, _ = unpack_packets(info.packets, info.num_frames)
+    short.write_bytes(data[:int(offsets[-1] + sizes[-1]) - 10])  # the last packet loses its last 10 bytes
+    with pytest.raises(OSError, match=r"short_now\.webm: file shorter than its probe says .*; delete .*probe cache"):
+        read_segment(short, info, 292, 299)
+    encoded, base = read_segment(short, info, 100, 107)  # GOPs before the missing bytes still cut
+    assert base == 96
+
+
 def test_segments_hold_whole_gops_only(videos):
     info = probe_video(videos["long_webm"])
     assert segment_bounds(info, 292, 299) == (288, 300)
