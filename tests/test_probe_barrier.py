@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 GROUP_TIMEOUT_S = 2  # the process group's collective timeout in the two-process run
 
 WORKER = textwrap.dedent("""
-    import os, sys, time
+    import logging, os, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from config import load_config
@@ -38,10 +38,17 @@ WORKER = textwrap.dedent("""
         assert time.monotonic() < deadline, "the other process did not start"
         time.sleep(0.01)
     setup_logging(rank)
+    # The probe's own "probing N of M videos" line (INFO, which rank 1 does not log) counted on every rank: only
+    # rank 0 may probe, the other reads rank 0's cache after the barrier.
+    probes = []
+    probe_log = logging.getLogger("dali_pipes.probe")
+    probe_log.addFilter(lambda record: probes.append(record.getMessage()) or True)
+    probe_log.setLevel(logging.INFO)
     ctx = init_distributed()
     cfg = load_config(None, sys.argv[2:])
     loader = build_video_loader(cfg, "train", ctx, 2)
     print(f"rank {{rank}} loader ready: {{len(loader.records)}} videos", flush=True)
+    print(f"rank {{rank}} probed here: {{sum(m.startswith('probing ') for m in probes)}} times", flush=True)
     teardown_distributed()
 """)
 
@@ -117,6 +124,7 @@ def test_a_probe_longer_than_the_group_timeout_does_not_break_the_run(motion_set
         process.kill()
     assert process.returncode == 0, output[-3000:]
     assert f"rank 0 loader ready: {count} videos" in output and f"rank 1 loader ready: {count} videos" in output
+    assert "rank 0 probed here: 1 times" in output and "rank 1 probed here: 0 times" in output  # the barrier held
     assert f"train_list.txt: probed {count}/{count} videos" in output  # rank 0's progress
     assert (tmp_path / "lists" / "train_list.txt.probe.json").is_file()  # the probe replaced the pipe
 

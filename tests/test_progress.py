@@ -2,6 +2,7 @@
 
 import logging
 import re
+import time
 
 import pytest
 import torch
@@ -42,6 +43,26 @@ def test_every_log_interval_batches_rank_0_logs_videos_done_rate_eta_and_running
     assert float(lines[0][6]) == pytest.approx(sum(hits[:4]) / 4, abs=1e-4)
     assert float(lines[1][6]) == pytest.approx(result.top1, abs=1e-4)
     assert float(lines[0][4]) > 0 and lines[1][5] == "0:00:00"  # nothing left after the last batch
+
+
+def eta_seconds(line_groups) -> int:
+    hours, minutes, seconds = map(int, line_groups[5].split(":"))
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def test_the_eta_is_the_videos_left_of_the_share_at_the_rate_so_far(caplog):
+    """A known clock position: the log started 100 s ago. Every other test's ETA is read after the last batch,
+    where it is 0:00:00 whether the code divides what remains or the whole share by the rate."""
+    caplog.set_level(logging.INFO, logger="evaluate")
+    progress = ProgressLog(num_records=10, rank=0, world_size=1, num_batches=3, log_interval=1)
+    progress.start = time.perf_counter() - 100.0
+    scores, labels = torch.eye(4), torch.arange(4)
+    progress.update(scores, labels)  # 4 of 10 videos in 100 s: 0.04 videos/s, 6 left: 150 s (the share: 250 s)
+    progress.update(scores, labels)  # 8 of 10 in 100 s and a little: 2 left, 25 s (the share: 125 s)
+    first, second = progress_lines(caplog)
+    assert (first[0], second[0]) == ("4", "8")
+    assert 150 <= eta_seconds(first) <= 170, first  # a stalled machine adds a little; the share gives 250
+    assert 25 <= eta_seconds(second) <= 30, second
 
 
 def test_without_an_interval_lines_follow_the_clock(caplog, monkeypatch):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from media_helpers import CpuDecoder
+from dali_pipes import segments
 from dali_pipes.probe import probe_video, unpack_packets
 from dali_pipes.segments import read_segment, segment_bounds
 from tools.make_synthetic import index_frames, k400like_frames, read_index, write_video
@@ -48,6 +49,40 @@ def pyav_packets(data) -> list[tuple[bytes, int, bool]]:
         packets = [(bytes(p), p.pts, p.is_keyframe) for p in container.demux(video=0) if p.size > 0]
     ranks = np.argsort(np.argsort([pts for _, pts, _ in packets], kind="stable"))
     return [(data, int(rank), key) for (data, _, key), rank in zip(packets, ranks)]
+
+
+def ebml_number(data: bytes, pos: int) -> tuple[int | None, int]:
+    """(value with the length marker removed, length in bytes) of the EBML variable-length number at data[pos]
+    (RFC 8794 §4); None as the value for the reserved all-ones "unknown size"."""
+    length = 9 - data[pos].bit_length()
+    assert 1 <= length <= 8, f"byte {pos}: not an EBML number"
+    value = int.from_bytes(data[pos:pos + length], "big") & ((1 << (7 * length)) - 1)
+    return (None if value == (1 << (7 * length)) - 1 else value), length
+
+
+def simple_blocks(data: bytes) -> list[tuple[int, int, int, int]]:
+    """(track, Cluster timecode, block timecode relative to it, flags byte) of every SimpleBlock of a Matroska file,
+    file order, read from the bytes (RFC 9559 §10.2: track number, int16 timecode, flags; 0x80 = keyframe). An
+    independent reader: FFmpeg's demuxer takes its keyframe flags from the VP9/H.264 parsers, not from this byte."""
+    containers = {0x18538067, 0x1F43B675}  # Segment, Cluster: descend into them
+    blocks, pos, cluster_time = [], 0, None
+    while pos < len(data):
+        id_length = 9 - data[pos].bit_length()
+        element = int.from_bytes(data[pos:pos + id_length], "big")
+        size, size_length = ebml_number(data, pos + id_length)
+        body = pos + id_length + size_length
+        if element in containers:
+            pos = body
+            continue
+        assert size is not None and body + size <= len(data), f"element {element:#x} at byte {pos} overruns the file"
+        if element == 0xE7:  # the Cluster's Timecode
+            cluster_time = int.from_bytes(data[body:body + size], "big")
+        elif element == 0xA3:
+            track, track_length = ebml_number(data, body)
+            relative = int.from_bytes(data[body + track_length:body + track_length + 2], "big", signed=True)
+            blocks.append((track, cluster_time, relative, data[body + track_length + 2]))
+        pos = body + size
+    return blocks
 
 
 @pytest.mark.parametrize("way", PATHS)
@@ -98,6 +133,67 @@ def test_a_fast_cut_holds_exactly_the_packets_of_its_gops(videos, textured_h264,
         assert pyav_packets(encoded) == [(data, rank - start, pos in info.keyframes)
                                          for pos, (data, rank, _) in enumerate(packets[start:stop], start)]
         assert encoded.nbytes < sum(len(p[0]) for p in packets[start:stop]) + 200 + 16 * (stop - start)
+
+
+@pytest.mark.parametrize("name", ["long_webm", "long_mp4", "textured_h264"])
+def test_a_fast_cut_flags_exactly_the_keyframes_of_the_source_in_its_simpleblocks(videos, textured_h264, name):
+    """Block i of a cut is packet start + i of the file: its keyframe flag (0x80) is set iff the source packet is a
+    keyframe, and no other flag (lacing, invisible, discardable) is set. NVDEC's parser and FFmpeg's seeking read
+    this byte; FFmpeg's demuxer hides a wrong one (its parsers set the flag from the bitstream), so the bytes are
+    read here. (The clips have closed GOPs: each keyframe is a clean one, the only kind a cut flags.)"""
+    path = textured_h264 if name == "textured_h264" else videos[name]
+    info = probe_video(path)
+    with av.open(str(path)) as container:
+        source_keys = [bool(p.is_keyframe) for p in container.demux(video=0) if p.size > 0]
+    assert len(source_keys) == info.num_frames and sum(source_keys) >= 3
+    for first, last in [(info.keyframes[1], info.keyframes[2] + 1), (info.keyframes[-1] - 1, info.num_frames - 1)]:
+        encoded, base = read_segment(path, info, first, last)
+        start, stop = segment_bounds(info, first, last)
+        blocks = simple_blocks(encoded.tobytes())
+        assert len(blocks) == stop - start and {track for track, *_ in blocks} == {1}
+        assert [flags for *_, flags in blocks] == [0x80 if key else 0 for key in source_keys[start:stop]]
+        assert sum(key for key in source_keys[start:stop]) >= 2  # a keyframe in the middle, not only the first
+
+
+@pytest.mark.parametrize("name", ["long_webm", "textured_h264"])
+def test_cuts_longer_than_one_cluster_keep_every_packet_and_timestamp(videos, textured_h264, name, monkeypatch):
+    """Cuts of more than _BLOCKS_PER_CLUSTER packets (1024: K400 cuts never get there) are split into Clusters whose
+    block timecodes are relative to the Cluster's; with 7 blocks per Cluster the tests' cuts have several."""
+    monkeypatch.setattr(segments, "_BLOCKS_PER_CLUSTER", 7)
+    path = textured_h264 if name == "textured_h264" else videos[name]
+    info = probe_video(path)
+    packets = pyav_packets(path)
+    encoded, _ = read_segment(path, info, info.keyframes[1], info.keyframes[2])
+    start, stop = segment_bounds(info, info.keyframes[1], info.keyframes[2])
+    blocks = simple_blocks(encoded.tobytes())
+    assert len({cluster for _, cluster, _, _ in blocks}) >= 3
+    assert [cluster + relative for _, cluster, relative, _ in blocks] == [rank - start for _, rank, _ in
+                                                                           packets[start:stop]]
+    assert pyav_packets(encoded) == [(data, rank - start, pos in info.keyframes)
+                                     for pos, (data, rank, _) in enumerate(packets[start:stop], start)]
+
+
+def test_element_sizes_are_valid_ebml_numbers_at_every_length_boundary():
+    """The writer's sizes read back by the independent reader: n = 2**(7k) - 1 needs k + 1 bytes, since k bytes of
+    all ones mean "unknown size" (RFC 8794 §6.2): a Cluster, Tracks or CodecPrivate of exactly 127 bytes would
+    otherwise turn into an element that runs to the end of the file."""
+    for n in [0, 1, 126, 127, 128, 2**14 - 2, 2**14 - 1, 2**14, 2**21 - 1, 2**28 - 2, 2**28 - 1, 2**35]:
+        coded = segments._size(n)
+        assert ebml_number(coded, 0) == (n, len(coded)), (n, coded.hex())
+
+
+def test_a_file_shorter_than_its_probe_stops_the_cut_with_what_to_do(videos, tmp_path):
+    """A file cut short after it was probed (a stale cache entry): the fast cut reads fewer bytes than its packet
+    table needs and must say so, not hand DALI a cut missing its last packets."""
+    info = probe_video(videos["long_webm"])
+    short = tmp_path / "short_now.webm"
+    data = videos["long_webm"].read_bytes()
+    offsets, sizes, _ = unpack_packets(info.packets, info.num_frames)
+    short.write_bytes(data[:int(offsets[-1] + sizes[-1]) - 10])  # the last packet loses its last 10 bytes
+    with pytest.raises(OSError, match=r"short_now\.webm: file shorter than its probe says .*; delete .*probe cache"):
+        read_segment(short, info, 292, 299)
+    encoded, base = read_segment(short, info, 100, 107)  # GOPs before the missing bytes still cut
+    assert base == 96
 
 
 def test_segments_hold_whole_gops_only(videos):
