@@ -46,7 +46,7 @@ class DataConfig:
     val_crop: int = 224  # CenterCrop side used for validation, in pixels
     test_crop: int = 256  # ThreeCrop / CenterCrop side used by evaluate.py, in pixels
     decode_device: str = "auto"  # where video is decoded: auto (gpu when CUDA is there), gpu (NVDEC), cpu
-    num_threads: int = 4  # DALI CPU worker threads per process
+    num_threads: int = 0  # DALI CPU worker threads per process; 0: auto (runtime.apply_thread_budget)
     prefetch_batches: int = 2  # batches DALI prepares ahead of the training step
     source_workers: int = 0  # processes cutting video segments for DALI; 0: in the training process
     decode_pipelines: int = 0  # DALI pipelines per process, batch k from pipeline k mod P; 0: 1 on CPU, 4 on GPU
@@ -158,14 +158,14 @@ def check_config(cfg: Config) -> None:
     """Cross-key and range checks; every rule about values lives here, not deep inside training."""
     positive = [
         "data.clip_len", "data.frame_interval", "data.num_clips", "data.short_side", "data.train_crop",
-        "data.val_crop", "data.test_crop", "data.num_threads", "data.prefetch_batches",
+        "data.val_crop", "data.test_crop", "data.prefetch_batches",
         "model.base_channels", "model.num_classes", "train.epochs", "train.batch_size",
         "train.val_interval", "train.log_interval", "test.batch_size",
     ]
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
-    non_negative = ["data.source_workers", "data.decode_pipelines", "train.lr", "train.momentum",
+    non_negative = ["data.num_threads", "data.source_workers", "data.decode_pipelines", "train.lr", "train.momentum",
                     "train.weight_decay", "train.clip_grad", "train.checkpoint_interval",
                     "train.checkpoint_every_iters", "test.log_interval"]
     for key in non_negative:
