@@ -101,15 +101,35 @@ DECODE_DEVICES = ("auto", "gpu", "cpu")
 AMP_MODES = ("bf16", "fp16", "none")
 FUSED_OPTIMIZERS = ("auto", "torch", "apex", "none")
 DEPTHS = (18, 34)
-VIEWS_PATTERN = re.compile(r"^([1-9][0-9]*)x([13])$")
+VIEWS_PATTERN = re.compile(r"^([0-9]+)x([0-9]+)$")
 
 
-def parse_views(views: str) -> tuple[int, int]:
-    """`'10x3'` -> (num_clips, num_crops); crops must be 1 (centre) or 3 (ThreeCrop)."""
-    match = VIEWS_PATTERN.match(views)
-    if match is None:
-        raise ConfigError(f"test.views: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}'")
-    return int(match.group(1)), int(match.group(2))
+def parse_views(views: str, name: str = "test.views") -> tuple[int, int]:
+    """`'10x3'` -> (num_clips, num_crops); clips >= 1, crops 1 (centre) or 3 (ThreeCrop). `name` is what the
+    error calls the value (the config key, or `--views`)."""
+    match = VIEWS_PATTERN.match(views.strip())
+    problem = "not two whole numbers joined by 'x'"
+    if match is not None:
+        clips, crops = int(match.group(1)), int(match.group(2))
+        if clips >= 1 and crops in (1, 3):
+            return clips, crops
+        problem = "clips must be >= 1" if clips < 1 else f"crops must be 1 or 3, not {crops}"
+    raise ConfigError(f"{name}: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}': {problem}")
+
+
+def views_argument(text: str) -> str:
+    """argparse type of `--views`: the text checked as NxM and normalised, kept a string (as a `--set` YAML
+    value, `0x3` would become the hexadecimal integer 3)."""
+    try:
+        clips, crops = parse_views(text, name="--views")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--views: ")) from None
+    return f"{clips}x{crops}"
+
+
+def views_override(views: str) -> str:
+    """The `--set` item of a checked `--views` value, quoted so YAML reads a string."""
+    return f"test.views='{views}'"
 
 
 def resolve_config_path(path: str | Path) -> Path:

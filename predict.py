@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import ConfigError, DataConfig, add_config_arguments, parse_views
+from config import ConfigError, DataConfig, add_config_arguments, parse_views, views_argument
 from dali_pipes.lists import ListError, class_names_or_indices
 from dali_pipes.loader import LoaderError, UnreadableVideo, VideoLoader
 from dali_pipes.nvdec import nvdec_refusal
@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--class-names", help="class names in label order: one per line, 'name index' lines or "
                                               "JSON; lines that all end in a number are read as 'name index', "
                                               "so use JSON for names ending in digits (default: data.class_names)")
-    parser.add_argument("--views", help="clips x crops per video, e.g. 10x3 (default: test.views)")
+    parser.add_argument("--views", type=views_argument,
+                        help="clips x crops per video, e.g. 10x3 (default: test.views)")
     parser.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto",
                         help="auto: DALI where it can decode the codec on the device data.decode_device chooses, "
                              "else PyAV")

@@ -229,6 +229,31 @@ def test_missing_inputs_are_one_line_errors(tmp_path, capsys):
         "error: --dump result.json: the file name must end in .pkl or .pickle")
 
 
+@pytest.mark.parametrize("views, problem", [
+    ("0x3", "clips must be >= 1"),  # as a YAML value 0x3 is the hexadecimal integer 3
+    ("10x2", "crops must be 1 or 3, not 2"),
+    ("ten", "not two whole numbers joined by 'x'"),
+])
+def test_bad_views_are_one_line_errors_naming_the_flag(views, problem, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--views", views])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: argument --views: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}': "
+        f"{problem}")
+
+
+def test_the_views_flag_is_checked_and_normalised_before_it_becomes_an_override(tmp_path):
+    make_run(tmp_path / "run")
+    for views, expected in (("1x3", "1x3"), ("0010x1", "10x1"), ("1e3x1", None)):
+        if expected is None:
+            with pytest.raises(SystemExit):
+                args_for("--views", views)
+            continue
+        cfg, _ = resolve_run(args_for("--work-dir", str(tmp_path / "run"), "--views", views))
+        assert cfg.test.views == expected
+
+
 @pytest.mark.slow
 def test_a_missing_checkpoint_ends_evaluate_py_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "none.pth")], cwd=REPO,
