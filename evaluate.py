@@ -34,9 +34,9 @@ from config import (Config, ConfigError, add_config_arguments, config_from_dict,
                     parse_views, views_argument, views_override)
 from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from model.r2plus1d import ConvModule
-from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, build_video_loader,
-                     configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
-                     is_main_process, log_skipped_videos, run_command, setup_logging)
+from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, apply_thread_budget,
+                     build_video_loader, configure_determinism, default_work_dir, environment_info, format_duration,
+                     gather_objects, is_main_process, log_skipped_videos, run_command, setup_logging)
 
 log = logging.getLogger("evaluate")
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines when test.log_interval is 0
@@ -282,6 +282,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> EvalResult:
     log.info("%s", environment_info(ctx))
     cfg, checkpoint = resolve_run(args)
     log.info("resolved config:\n%s", format_config(cfg).rstrip())
+    cfg = apply_thread_budget(cfg, ctx)
     configure_determinism(False)  # every batch has the same view shape: cuDNN autotuning pays off
     num_clips, num_crops = parse_views(cfg.test.views)
     model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)

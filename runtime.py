@@ -117,6 +117,10 @@ class WorkDirBusy(RuntimeError):
     """Another train.py holds the work dir's lock; the message is one line naming it."""
 
 
+# Bad user input: each ends a command with one `error: ...` line (run_command), never a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, ListError, LoaderError, WorkDirBusy)
+
+
 def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
     """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line,
     which also goes into the run's log file when one is open."""
@@ -126,7 +130,7 @@ def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
             run(args, ctx)
         finally:
             teardown_distributed()
-    except (ConfigError, CheckpointError, ListError, LoaderError, WorkDirBusy) as e:
+    except USER_ERRORS as e:
         _write_to_log_files(f"error: {e}")
         sys.exit(f"error: {e}")
 
@@ -331,22 +335,23 @@ def lock_work_dir(work_dir: Path) -> WorkDirLock:
     return WorkDirLock(path, fd)
 
 
-def claim_work_dir(work_dir: Path, ctx: DistContext) -> WorkDirLock | None:
-    """Rank 0 locks work_dir (lock_work_dir) and every rank learns the outcome, so a busy work dir ends all of
-    them with the same one-line WorkDirBusy instead of leaving the others waiting in a collective."""
-    held, error = None, None
+def on_main_then_all(step: Callable[[], Any], ctx: DistContext) -> Any:
+    """step() on rank 0 only; a user error it raises (USER_ERRORS) is raised on every rank, so all of them stop
+    with the same one line instead of the others waiting in a collective for a rank that has gone. Returns
+    step()'s result on rank 0 and None on the others."""
+    result, error = None, None
     if ctx.is_main:
         try:
-            held = lock_work_dir(work_dir)
-        except WorkDirBusy as e:
-            error = str(e)
+            result = step()
+        except USER_ERRORS as e:
+            error = e
     if ctx.distributed:
         outcome = [error]
         dist.broadcast_object_list(outcome, src=0)
         error = outcome[0]
     if error is not None:
-        raise WorkDirBusy(error)
-    return held
+        raise error
+    return result
 
 
 def configure_determinism(deterministic: bool) -> None:
