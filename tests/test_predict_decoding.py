@@ -154,8 +154,9 @@ def test_a_folder_stands_for_its_videos_in_name_order_and_the_checkpoint_is_name
     for name in [*names, "nested/g.webm"]:
         (folder / name).write_bytes(videos["short"].read_bytes())
     (folder / "notes.txt").write_text("not a video\n")
-    with caplog.at_level(logging.INFO, logger="predict"):
+    with caplog.at_level(logging.INFO, logger="predict"), caplog.at_level(logging.INFO, logger="runtime"):
         lines, _ = run_predict(run_files, [videos["long_webm"], folder], capsys, "--views", "1x1")
+    assert sum(r.getMessage().startswith("threads: ") for r in caplog.records) == 1  # the budget, decided once
     assert [line["video"] for line in lines] == [str(videos["long_webm"])] + [str(folder / n) for n in sorted(names)]
     assert [line["top5"] for line in lines[1:]] == [lines[1]["top5"]] * len(names)  # the same clip each time
     assert f"checkpoint {run_files[1]} (epoch ?), 1x1 views" in [r.getMessage() for r in caplog.records]
