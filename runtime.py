@@ -338,17 +338,22 @@ def lock_work_dir(work_dir: Path) -> WorkDirLock:
 def on_main_then_all(step: Callable[[], Any], ctx: DistContext) -> Any:
     """step() on rank 0 only; a user error it raises (USER_ERRORS) is raised on every rank, so all of them stop
     with the same one line instead of the others waiting in a collective for a rank that has gone. Returns
-    step()'s result on rank 0 and None on the others."""
-    result, error = None, None
+    step()'s result on rank 0 and None on the others. Any other exception is raised on rank 0 as it is and ends
+    the others with a RuntimeError saying so."""
+    result, error, crash = None, None, None
     if ctx.is_main:
         try:
             result = step()
         except USER_ERRORS as e:
             error = e
+        except Exception as e:
+            crash, error = e, RuntimeError(f"rank 0 failed at start-up ({type(e).__name__}: {e}); see its output")
     if ctx.distributed:
         outcome = [error]
         dist.broadcast_object_list(outcome, src=0)
         error = outcome[0]
+    if crash is not None:
+        raise crash
     if error is not None:
         raise error
     return result

@@ -104,6 +104,10 @@ def _rank_zero_refuses(rank, init_file, results):
         except WorkDirBusy as e:
             results[rank] = f"WorkDirBusy: {e}"
         results[f"{rank} answers"] = on_main_then_all(lambda: "rank 0's value", DistContext(rank=rank, world_size=2))
+        try:
+            on_main_then_all(lambda: Path("/proc/no/such/dir").mkdir(), DistContext(rank=rank, world_size=2))
+        except (FileNotFoundError, RuntimeError) as e:
+            results[f"{rank} crash"] = f"{type(e).__name__}: {e}"
     finally:
         dist.destroy_process_group()
 
@@ -116,6 +120,9 @@ def test_rank_zeros_start_error_is_raised_on_every_rank(tmp_path):
     expected = "WorkDirBusy: work_dirs/x is in use by train.py pid 1 on host h since then; wait for it"
     assert results[0] == expected and results[1] == expected  # rank 1 did not run the step, and did not hang
     assert results["0 answers"] == "rank 0's value" and results["1 answers"] is None
+    # any other failure of rank 0 still ends rank 1 (it would otherwise wait in the broadcast for 30 minutes)
+    assert results["0 crash"].startswith("FileNotFoundError: ")
+    assert results["1 crash"].startswith("RuntimeError: rank 0 failed at start-up (FileNotFoundError: ")
 
 
 def copy_list(motion_set: Path, folder: Path) -> Path:
