@@ -245,7 +245,9 @@ def test_under_torchrun_a_busy_work_dir_stops_every_rank(motion_set, tmp_path):
                                 cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     finally:
         held.close()
+    # Every rank stops (no rank waits in a collective: that would end in the timeout above) with the line; rank 1's
+    # may be cut short by torchrun stopping it once rank 0 has exited, and the two can share a line of stderr.
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all(BUSY.match(line) for line in errors), result.stderr[-3000:]
+    errors = re.findall(r"error: .*?--work-dir", result.stderr)
+    assert errors and all(BUSY.match(e) for e in errors), result.stderr[-3000:]
     assert sorted(p.name for p in work_dir.iterdir()) == [LOCK_NAME]
