@@ -1,7 +1,7 @@
 """CPU threads: train.py's clips/s on the demo data with the default thread budget against OMP_NUM_THREADS=1 and 2,
 on an idle machine and beside a background CPU load, in one run.
 
-    python benchmarks/cpu_threads.py                      # about 4-6 min on 2 cores: 3 settings x 2 conditions
+    python benchmarks/cpu_threads.py                      # at most about 6 min on 2 cores: 3 settings x 2 conditions
     python benchmarks/cpu_threads.py --iters 40 --repeats 3
     python benchmarks/cpu_threads.py --variants defaults,omp1,omp2,before
     python benchmarks/cpu_threads.py --smoke              # tiny data and few iterations: checks the script
@@ -52,18 +52,18 @@ BUSY_LOOP = "while True: pass"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default="data/demo",
                         help="motion set (tools/make_synthetic.py motion); made there when it has no train_list.txt")
-    parser.add_argument("--iters", type=int, default=20, help=f"timed iterations per measurement (a multiple of "
+    parser.add_argument("--iters", type=int, default=15, help=f"timed iterations per measurement (a multiple of "
                                                               f"{LOG_INTERVAL})")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the variants per condition")
     parser.add_argument("--variants", default="defaults,omp1,omp2",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--conditions", default="idle,load", help="comma-separated, from idle, load")
     parser.add_argument("--load-procs", type=int, default=2, help="busy processes of the load condition")
-    parser.add_argument("--max-run-s", type=float, default=120.0,
+    parser.add_argument("--max-run-s", type=float, default=100.0,
                         help="a measurement that has not finished its iterations by then is stopped and reports "
                              "the windows it timed (partial: true)")
     parser.add_argument("--smoke", action="store_true",
