@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from config import Config, config_to_dict, format_config
-from model import CheckpointError
+from model import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,22 @@ def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, sche
     }
 
 
+RESUME_ENTRIES = ("optimizer", "scheduler", "progress", "sampler")  # what --resume needs besides the weights
+
+
+def check_resumable(path: Path) -> None:
+    """CheckpointError (one line) unless `path` is a training checkpoint --resume can continue from. train.py calls
+    it before it probes the lists and builds the model, so a wrong path costs seconds, not the probe."""
+    _require_resume_entries(read_checkpoint(path), path)
+
+
+def _require_resume_entries(ckpt: dict[str, Any], path: Path) -> None:
+    for key in RESUME_ENTRIES:
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: no '{key}' entry, so it cannot resume training "
+                                  f"(an MMAction2 or weights-only file?); start a new run instead")
+
+
 def restore_training_state(ckpt: dict[str, Any], path: Path, optimizer: torch.optim.Optimizer, scheduler, scaler,
                            *, world_size: int, batch_size: int) -> tuple[Progress, list[dict[str, Any]] | None]:
     """Loads optimizer, scheduler and scaler state from a training checkpoint; returns its progress and RNG states.
@@ -187,10 +203,7 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, optimizer: torch.op
     total batch (processes x batch) is unchanged, since the loader splits an epoch into batches by it; the RNG
     states (one per rank) are returned only when the process count is unchanged.
     """
-    for key in ("optimizer", "scheduler", "progress", "sampler"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path}: no '{key}' entry, so it cannot resume training "
-                                  f"(an MMAction2 or weights-only file?); start a new run instead")
+    _require_resume_entries(ckpt, path)
     kernels = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # the step kernel is today's train.fused_optimizer, not the saved one

@@ -46,7 +46,7 @@ class DataConfig:
     val_crop: int = 224  # CenterCrop side used for validation, in pixels
     test_crop: int = 256  # ThreeCrop / CenterCrop side used by evaluate.py, in pixels
     decode_device: str = "auto"  # where video is decoded: auto (gpu when CUDA is there), gpu (NVDEC), cpu
-    num_threads: int = 4  # DALI CPU worker threads per process
+    num_threads: int = 0  # DALI CPU worker threads per process; 0: auto (runtime.apply_thread_budget)
     prefetch_batches: int = 2  # batches DALI prepares ahead of the training step
     source_workers: int = 0  # processes cutting video segments for DALI; 0: in the training process
     decode_pipelines: int = 0  # DALI pipelines per process, batch k from pipeline k mod P; 0: 1 on CPU, 4 on GPU
@@ -101,15 +101,35 @@ DECODE_DEVICES = ("auto", "gpu", "cpu")
 AMP_MODES = ("bf16", "fp16", "none")
 FUSED_OPTIMIZERS = ("auto", "torch", "apex", "none")
 DEPTHS = (18, 34)
-VIEWS_PATTERN = re.compile(r"^([1-9][0-9]*)x([13])$")
+VIEWS_PATTERN = re.compile(r"^([0-9]+)x([0-9]+)$")
 
 
-def parse_views(views: str) -> tuple[int, int]:
-    """`'10x3'` -> (num_clips, num_crops); crops must be 1 (centre) or 3 (ThreeCrop)."""
-    match = VIEWS_PATTERN.match(views)
-    if match is None:
-        raise ConfigError(f"test.views: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}'")
-    return int(match.group(1)), int(match.group(2))
+def parse_views(views: str, name: str = "test.views") -> tuple[int, int]:
+    """`'10x3'` -> (num_clips, num_crops); clips >= 1, crops 1 (centre) or 3 (ThreeCrop). `name` is what the
+    error calls the value (the config key, or `--views`)."""
+    match = VIEWS_PATTERN.match(views.strip())
+    problem = "not two whole numbers joined by 'x'"
+    if match is not None:
+        clips, crops = int(match.group(1)), int(match.group(2))
+        if clips >= 1 and crops in (1, 3):
+            return clips, crops
+        problem = "clips must be >= 1" if clips < 1 else f"crops must be 1 or 3, not {crops}"
+    raise ConfigError(f"{name}: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}': {problem}")
+
+
+def views_argument(text: str) -> str:
+    """argparse type of `--views`: the text checked as NxM and normalised, kept a string (as a `--set` YAML
+    value, `0x3` would become the hexadecimal integer 3)."""
+    try:
+        clips, crops = parse_views(text, name="--views")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--views: ")) from None
+    return f"{clips}x{crops}"
+
+
+def views_override(views: str) -> str:
+    """The `--set` item of a checked `--views` value, quoted so YAML reads a string."""
+    return f"test.views='{views}'"
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -158,14 +178,14 @@ def check_config(cfg: Config) -> None:
     """Cross-key and range checks; every rule about values lives here, not deep inside training."""
     positive = [
         "data.clip_len", "data.frame_interval", "data.num_clips", "data.short_side", "data.train_crop",
-        "data.val_crop", "data.test_crop", "data.num_threads", "data.prefetch_batches",
+        "data.val_crop", "data.test_crop", "data.prefetch_batches",
         "model.base_channels", "model.num_classes", "train.epochs", "train.batch_size",
         "train.val_interval", "train.log_interval", "test.batch_size",
     ]
     for key in positive:
         if get_value(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get_value(cfg, key)}")
-    non_negative = ["data.source_workers", "data.decode_pipelines", "train.lr", "train.momentum",
+    non_negative = ["data.num_threads", "data.source_workers", "data.decode_pipelines", "train.lr", "train.momentum",
                     "train.weight_decay", "train.clip_grad", "train.checkpoint_interval",
                     "train.checkpoint_every_iters", "test.log_interval"]
     for key in non_negative:

@@ -31,12 +31,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from checkpoints import find_best_checkpoint, find_latest_checkpoint
 from config import (Config, ConfigError, add_config_arguments, config_from_dict, format_config, load_config,
-                    parse_views)
+                    parse_views, views_argument, views_override)
 from model import CheckpointError, build_model, load_checkpoint, read_checkpoint
 from model.r2plus1d import ConvModule
-from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, build_video_loader,
-                     configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
-                     is_main_process, log_skipped_videos, run_command, setup_logging)
+from runtime import (SAVED_CONFIG_NAME, WORK_DIRS, DistContext, amp_dtype, apply_thread_budget,
+                     build_video_loader, configure_determinism, default_work_dir, environment_info, format_duration,
+                     gather_objects, is_main_process, log_skipped_videos, run_command, setup_logging)
 
 log = logging.getLogger("evaluate")
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines when test.log_interval is 0
@@ -249,7 +249,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path]:
                                       f"pass --checkpoint")
             log.warning("%s: no best checkpoint (trained without validation?); testing %s", work_dir,
                         checkpoint.name)
-    overrides = list(args.overrides) + ([f"test.views={args.views}"] if args.views else [])
+    overrides = list(args.overrides) + ([views_override(args.views)] if args.views else [])
     if args.config:
         cfg = load_config(args.config, overrides)
     elif work_dir is not None and (work_dir / SAVED_CONFIG_NAME).is_file():
@@ -267,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", default=None,
                         help="run folder whose config.yaml and best checkpoint to use (default: work_dirs/<config "
                              "stem>, or the newest run in work_dirs/)")
-    parser.add_argument("--views", default=None, help="clips x crops per video, e.g. 10x3 (default: test.views)")
+    parser.add_argument("--views", default=None, type=views_argument,
+                        help="clips x crops per video, e.g. 10x3 (default: test.views)")
     parser.add_argument("--dump", default=None, metavar="FILE.pkl",
                         help="write the per-video predictions to this pickle (MMAction2's --dump format)")
     args = parser.parse_args(argv)
@@ -281,6 +282,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> EvalResult:
     log.info("%s", environment_info(ctx))
     cfg, checkpoint = resolve_run(args)
     log.info("resolved config:\n%s", format_config(cfg).rstrip())
+    cfg = apply_thread_budget(cfg, ctx)
     configure_determinism(False)  # every batch has the same view shape: cuDNN autotuning pays off
     num_clips, num_crops = parse_views(cfg.test.views)
     model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)

@@ -26,14 +26,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import ConfigError, DataConfig, add_config_arguments, parse_views
-from dali_pipes.lists import ListError, class_names_or_indices
+from config import ConfigError, DataConfig, add_config_arguments, parse_views, views_argument
+from dali_pipes.lists import VIDEO_EXTENSIONS, ListError, class_names_or_indices
 from dali_pipes.loader import LoaderError, UnreadableVideo, VideoLoader
 from dali_pipes.nvdec import nvdec_refusal
 from dali_pipes.probe import CPU_CODECS, ProbeError, VideoInfo, probe_video
 from dali_pipes.pyav_clips import eval_views
 from evaluate import average_views, inference_setup, resolve_run
 from model import CheckpointError, build_model, load_checkpoint
+from runtime import DistContext, apply_thread_budget
 
 log = logging.getLogger("predict")
 TOP_K = 5
@@ -42,7 +43,9 @@ PROGRESS_MIN_VIDEOS = 5  # more videos than this: a progress bar on stderr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Top-5 classes of each video with a trained R(2+1)D.")
-    parser.add_argument("videos", nargs="+", help="video files (any container and codec PyAV or DALI reads)")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO",
+                        help="video files (any container and codec PyAV or DALI reads), or folders: the files "
+                             f"ending in {', '.join(VIDEO_EXTENSIONS)} directly inside, in name order")
     add_config_arguments(parser, config_required=False)
     parser.add_argument("--checkpoint", help="checkpoint file, ours or MMAction2's (default: best of the work dir)")
     parser.add_argument("--work-dir", help="run folder whose config.yaml and best checkpoint to use "
@@ -50,12 +53,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--class-names", help="class names in label order: one per line, 'name index' lines or "
                                               "JSON; lines that all end in a number are read as 'name index', "
                                               "so use JSON for names ending in digits (default: data.class_names)")
-    parser.add_argument("--views", help="clips x crops per video, e.g. 10x3 (default: test.views)")
+    parser.add_argument("--views", type=views_argument,
+                        help="clips x crops per video, e.g. 10x3 (default: test.views)")
     parser.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto",
                         help="auto: DALI where it can decode the codec on the device data.decode_device chooses, "
                              "else PyAV")
     parser.add_argument("--json", action="store_true", help="one JSON object per video instead of text")
     return parser.parse_args(argv)
+
+
+def expand_videos(paths: list[str]) -> list[str]:
+    """The videos to classify: each file as given, each folder replaced by the video files directly in it
+    (VIDEO_EXTENSIONS, any case; sub-folders are not searched), sorted by name. A folder without one is a
+    ListError; a path that does not exist stays, so it is reported as missing with the results."""
+    videos = []
+    for path in paths:
+        folder = Path(path)
+        if not folder.is_dir():
+            videos.append(path)
+            continue
+        found = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        if not found:
+            raise ListError(f"{path}: a folder without videos (files ending in {', '.join(VIDEO_EXTENSIONS)} "
+                            f"directly inside; sub-folders are not searched)")
+        videos.extend(found)
+    return videos
 
 
 def dali_decode_device(decode_device: str, on_gpu: bool) -> str:
@@ -155,20 +177,25 @@ def progress_bar(total: int) -> tqdm:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")  # stdout: results only
+    log.setLevel(logging.INFO)  # predict's own lines (the checkpoint used); other modules' only from WARNING
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
+        videos = expand_videos(args.videos)
         cfg, checkpoint = resolve_run(args)
+        cfg = apply_thread_budget(cfg, DistContext(device=device))
         num_clips, num_crops = parse_views(cfg.test.views)
         decode_on = dali_decode_device(cfg.data.decode_device, device.type == "cuda")
         capability = torch.cuda.get_device_capability(device) if decode_on == "gpu" else None
         names = class_names_or_indices(args.class_names or cfg.data.class_names, cfg.model.num_classes)
         model = build_model(cfg.model.depth, cfg.model.num_classes, cfg.model.base_channels, cfg.model.dropout)
-        load_checkpoint(model, checkpoint)
+        meta = load_checkpoint(model, checkpoint).get("meta", {})
     except (ConfigError, CheckpointError, ListError) as e:
         sys.exit(f"error: {e}")
+    epoch = meta.get("epoch", "?") if isinstance(meta, dict) else "?"
+    log.info("checkpoint %s (epoch %s), %s views", checkpoint, epoch, cfg.test.views)  # stderr, as all but results
     model, autocast_dtype, channels_last = inference_setup(model, cfg, device)
     infos: dict[str, VideoInfo | ProbeError] = {}
-    for path in args.videos:
+    for path in videos:
         try:
             infos[path] = info = probe_video(path)
             if args.decoder == "dali" and not dali_reads(info, decode_on, capability, cfg.data.decode_device):
@@ -176,13 +203,13 @@ def main(argv: list[str] | None = None) -> None:
                                  f"{cfg.data.decode_device}); use --decoder auto or pyav")
         except ProbeError as e:
             infos[path] = e
-    on_dali = [path for path in args.videos if isinstance(infos[path], VideoInfo)
+    on_dali = [path for path in videos if isinstance(infos[path], VideoInfo)
                and use_dali(infos[path], args.decoder, decode_on, capability, cfg.data.decode_device)]
     failures = 0
-    with tempfile.TemporaryDirectory(prefix="predict_") as work, progress_bar(len(args.videos)) as bar:
+    with tempfile.TemporaryDirectory(prefix="predict_") as work, progress_bar(len(videos)) as bar:
         dali = DaliViews(on_dali, cfg.data, (num_clips, num_crops), cfg.model.num_classes, device, Path(work),
                          autocast_dtype, channels_last)
-        for path in args.videos:
+        for path in videos:
             info = infos[path]
             try:
                 if isinstance(info, ProbeError):

@@ -8,12 +8,15 @@ process group, as the single-process case of the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import os
 import platform
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +46,8 @@ DIST_TIMEOUT_ENV = "R2P1D_DIST_TIMEOUT_S"  # collective timeout of the process g
 # closed connection), so this bound only matters for a prober stuck on a hung file system.
 PROBE_WAIT_TIMEOUT = datetime.timedelta(hours=24)
 PROBE_LOG_INTERVAL_S = 30.0  # rank 0 logs the probe's progress this often
+LOCK_NAME = ".lock"  # train.py's work-dir lock file (fcntl.flock; the holder's pid, host and start time inside)
+GPU_AUTO_DALI_THREADS = 4  # data.num_threads=0 on a GPU machine: DALI's CPU threads, at most the process's share
 
 
 @dataclass(frozen=True)
@@ -108,15 +113,25 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+class WorkDirBusy(RuntimeError):
+    """Another train.py holds the work dir's lock; the message is one line naming it."""
+
+
+# Bad user input: each ends a command with one `error: ...` line (run_command), never a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, ListError, LoaderError, WorkDirBusy)
+
+
 def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
-    """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line."""
+    """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line,
+    which also goes into the run's log file when one is open."""
     try:
         ctx = init_distributed()
         try:
             run(args, ctx)
         finally:
             teardown_distributed()
-    except (ConfigError, CheckpointError, ListError, LoaderError) as e:
+    except USER_ERRORS as e:
+        _write_to_log_files(f"error: {e}")
         sys.exit(f"error: {e}")
 
 
@@ -130,8 +145,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def setup_logging(rank: int, log_file: Path | None = None) -> None:
-    """The one logging setup: rank 0 logs INFO to stdout (and log_file); other ranks WARNING+ with their rank."""
+class _StartupRecords(logging.Handler):
+    """Keeps the records logged before the log file exists, so attach_log_file can write them into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_logging(rank: int, log_file: Path | None = None, keep_records: bool = False) -> None:
+    """The one logging setup: rank 0 logs INFO to stdout (and log_file); other ranks WARNING+ with their rank.
+
+    keep_records: hold what is logged until attach_log_file names the log file (train.py opens it only once the
+    start-up checks passed and the work dir is locked, so a failed start leaves no log behind).
+    """
     if rank == 0:
         formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%m/%d %H:%M:%S")
         level = logging.INFO
@@ -141,9 +171,31 @@ def setup_logging(rank: int, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
+    elif keep_records:
+        handlers.append(_StartupRecords())
     for handler in handlers:
         handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=handlers, force=True)
+
+
+def attach_log_file(log_file: Path) -> None:
+    """Starts writing the log to log_file, beginning with the records setup_logging(keep_records=True) kept."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(log_file)
+    for kept in [h for h in root.handlers if isinstance(h, _StartupRecords)]:
+        handler.setFormatter(kept.formatter)
+        for record in kept.records:
+            handler.handle(record)
+        root.removeHandler(kept)
+    root.addHandler(handler)
+
+
+def _write_to_log_files(message: str) -> None:
+    """`message` into the log files only (the console gets it from sys.exit), as an ERROR record."""
+    record = logging.LogRecord("runtime", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def environment_info(ctx: DistContext) -> str:
@@ -164,6 +216,147 @@ def _dali_version() -> str:
     except ImportError:
         return "not installed"
     return nvidia.dali.__version__
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    """How this process splits its share of the machine's cores between DALI, its source workers and torch."""
+
+    cores: int  # CPUs this process may run on (os.sched_getaffinity)
+    processes: int  # processes of this job on this machine sharing them (torchrun's LOCAL_WORLD_SIZE)
+    dali_threads: int  # data.num_threads as used
+    source_workers: int  # data.source_workers (processes cutting segments; one core each while they work)
+    torch_threads: int | None  # torch intra-op threads; None: left as torch set them (a GPU machine)
+    dali_from: str  # 'config' (data.num_threads > 0) or 'auto'
+    torch_from: str  # 'OMP_NUM_THREADS', 'auto' or 'torch default'
+
+    @property
+    def share(self) -> int:
+        """The cores one process may count on (at least one)."""
+        return max(1, self.cores // self.processes)
+
+    def describe(self) -> str:
+        used = self.dali_threads + self.source_workers + (self.torch_threads or 0)
+        torch_part = (f"torch {self.torch_threads} ({self.torch_from})" if self.torch_threads is not None
+                      else f"torch threads left as they are ({torch.get_num_threads()}, GPU machine)")
+        over = f"; over the share by {used - self.share}" if used > self.share else ""
+        return (f"threads: {self.cores} cores for {self.processes} process{'es' if self.processes != 1 else ''} "
+                f"here, {self.share} for this one: DALI {self.dali_threads} ({self.dali_from}) + source workers "
+                f"{self.source_workers} + {torch_part}{over}")
+
+
+def decide_thread_budget(num_threads: int, source_workers: int, on_gpu: bool, cores: int, processes: int,
+                         omp_num_threads: str | None) -> ThreadBudget:
+    """The thread split of one process: DALI threads + source workers + torch threads <= cores // processes.
+
+    num_threads is data.num_threads (0: auto) and omp_num_threads the OMP_NUM_THREADS environment value (None or
+    '': unset); an explicit value of either is kept, and the automatic one gets what is left of the share (at
+    least 1). Automatic on a CPU: the share less the source workers, half (rounded down, at least 1) to DALI and
+    the rest to torch. torch's intra-op threads and DALI's threads otherwise each assume all the cores and
+    thrash (the demo ran 4-10x slower under load with torch's default). On a GPU torch does little CPU work:
+    its threads are left alone and DALI gets min(GPU_AUTO_DALI_THREADS, what the share leaves).
+    """
+    share = max(1, cores // max(processes, 1))
+    room = max(1, share - source_workers)  # for DALI and torch together
+    torch_threads: int | None = None
+    torch_from = "torch default"
+    if omp_num_threads:
+        try:
+            torch_threads = int(omp_num_threads)
+        except ValueError:
+            torch_threads = 0
+        if torch_threads <= 0:
+            raise ConfigError(f"OMP_NUM_THREADS={omp_num_threads!r}: expected a whole number >= 1, or unset it "
+                              f"for the automatic thread budget")
+        torch_from = "OMP_NUM_THREADS"
+    if num_threads > 0:
+        dali_threads, dali_from = num_threads, "config"
+    elif on_gpu:
+        dali_threads, dali_from = min(GPU_AUTO_DALI_THREADS, room), "auto"
+    elif torch_threads is not None:
+        dali_threads, dali_from = max(1, room - torch_threads), "auto"
+    else:
+        dali_threads, dali_from = max(1, room // 2), "auto"
+    if torch_threads is None and not on_gpu:
+        torch_threads, torch_from = max(1, room - dali_threads), "auto"
+    return ThreadBudget(cores, processes, dali_threads, source_workers, torch_threads, dali_from, torch_from)
+
+
+def apply_thread_budget(cfg: Config, ctx: DistContext) -> Config:
+    """Decides this process's thread budget once (decide_thread_budget), sets torch's intra-op threads, logs it in
+    one line and returns cfg with data.num_threads resolved (cfg itself keeps 0 = auto, as the user wrote it)."""
+    budget = decide_thread_budget(cfg.data.num_threads, cfg.data.source_workers, ctx.device.type == "cuda",
+                                  cores=len(os.sched_getaffinity(0)),
+                                  processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                                  omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+    if budget.torch_threads is not None and budget.torch_threads != torch.get_num_threads():
+        torch.set_num_threads(budget.torch_threads)
+    if ctx.is_main:
+        log.info("%s", budget.describe())
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_threads=budget.dali_threads))
+
+
+@dataclass
+class WorkDirLock:
+    """train.py's hold on a work dir: an flock on WORK_DIR/.lock, released by the OS when the process ends in any
+    way (kill -9 included), so a lock is never stale. Keep the object for the whole run; close() releases it."""
+
+    path: Path
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def lock_work_dir(work_dir: Path) -> WorkDirLock:
+    """Creates work_dir if needed and takes its lock; WorkDirBusy naming the holder when another process has it.
+
+    The holder's pid, host and start time are written into the lock file only after the lock is taken (a
+    process that fails to take it never truncates the holder's text).
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process (it is starting)"
+        os.close(fd)
+        raise WorkDirBusy(f"{work_dir} is in use by {holder}; wait for it or use another --work-dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    since = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    text = f"train.py pid {os.getpid()} on host {socket.gethostname()} since {since}\n".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text, 0)
+    return WorkDirLock(path, fd)
+
+
+def on_main_then_all(step: Callable[[], Any], ctx: DistContext) -> Any:
+    """step() on rank 0 only; a user error it raises (USER_ERRORS) is raised on every rank, so all of them stop
+    with the same one line instead of the others waiting in a collective for a rank that has gone. Returns
+    step()'s result on rank 0 and None on the others. Any other exception is raised on rank 0 as it is and ends
+    the others with a RuntimeError saying so."""
+    result, error, crash = None, None, None
+    if ctx.is_main:
+        try:
+            result = step()
+        except USER_ERRORS as e:
+            error = e
+        except Exception as e:
+            crash, error = e, RuntimeError(f"rank 0 failed at start-up ({type(e).__name__}: {e}); see its output")
+    if ctx.distributed:
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+    if crash is not None:
+        raise crash
+    if error is not None:
+        raise error
+    return result
 
 
 def configure_determinism(deterministic: bool) -> None:

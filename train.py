@@ -11,7 +11,9 @@ a per-epoch cosine schedule without warm-up, validation every train.val_interval
 over the processes first. On a GPU: bf16 autocast (or fp16 with a grad scaler), channels_last_3d, a fused SGD
 step, cuDNN autotuning; on a CPU the same code in fp32. Outputs in the work dir (default work_dirs/<config
 stem>): config.yaml, latest.pth, epoch_<n>.pth, best_acc_top1_epoch_<n>.pth, <timestamp>.log, scalars.jsonl and
-TensorBoard event files (`tensorboard --logdir work_dirs/k400_8x8x1`).
+TensorBoard event files (`tensorboard --logdir work_dirs/k400_8x8x1`). One run at a time per work dir: rank 0
+holds WORK_DIR/.lock (an OS file lock) while it runs, and a second run stops with one line naming the first. On
+a CPU the threads of DALI and torch share the cores the process may use (runtime.apply_thread_budget).
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import (Progress, config_differences, find_latest_checkpoint, remove_stale_temp_files,
-                         restore_training_state, training_checkpoint, write_checkpoint_files)
+from checkpoints import (Progress, check_resumable, config_differences, find_latest_checkpoint,
+                         remove_stale_temp_files, restore_training_state, training_checkpoint, write_checkpoint_files)
 from config import Config, ConfigError, add_config_arguments, format_config, load_config, save_config
+from dali_pipes.lists import read_video_list
+from dali_pipes.loader import mode_list
 from evaluate import EvalResult, evaluate
 from model import build_model, convert_sync_batchnorm, load_checkpoint
-from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, amp_dtype, barrier, build_video_loader,
-                     configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
-                     log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
-                     seed_everything, set_rng_state, run_command, setup_logging, sync_buffers)
+from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, WorkDirLock, amp_dtype, apply_thread_budget,
+                     attach_log_file, build_video_loader, configure_determinism, default_work_dir, environment_info,
+                     format_duration, gather_objects, lock_work_dir, log_skipped_videos, on_main_then_all,
+                     peak_memory_gb, reduce_max, reduce_sum, rng_state, seed_everything, set_rng_state, run_command,
+                     setup_logging, sync_buffers)
 
 log = logging.getLogger("train")
 
@@ -344,32 +349,52 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return progress
 
 
+def check_start(cfg: Config, args: argparse.Namespace) -> None:
+    """The checks that take seconds, made before the work dir is touched: the list files are read and parsed (not
+    probed) and a --resume PATH must be a training checkpoint. A start that fails here leaves nothing behind."""
+    for mode in ("train",) if args.no_validate else ("train", "val"):
+        list_file, root = mode_list(cfg.data, mode)
+        if not list_file:
+            raise ConfigError(f"data.{mode}_list: no list file given for {mode}")
+        read_video_list(list_file, root, cfg.model.num_classes)
+    if args.resume not in (None, "auto"):
+        check_resumable(Path(args.resume))
+
+
+def open_work_dir(cfg: Config, args: argparse.Namespace, work_dir: Path) -> WorkDirLock:
+    """Rank 0's start: check_start, then the work dir's lock (held until this process ends), then the log file.
+    Nothing is written into the work dir before the lock is held."""
+    check_start(cfg, args)
+    lock = lock_work_dir(work_dir)
+    attach_log_file(work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log")
+    return lock
+
+
 def run(args: argparse.Namespace, ctx: DistContext) -> None:
     overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
     cfg = load_config(args.config, overrides)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
-    if ctx.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    setup_logging(ctx.rank, work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log" if ctx.is_main else None)
+    # The console only, until rank 0 holds the work dir; what was logged so far then opens the run's log file.
+    setup_logging(ctx.rank, keep_records=ctx.is_main)
     log.info("%s", environment_info(ctx))
+    loader_cfg = apply_thread_budget(cfg, ctx)  # data.num_threads resolved; cfg keeps 0 = auto for config.yaml
+    work_dir_lock = on_main_then_all(lambda: open_work_dir(cfg, args, work_dir), ctx)  # noqa: F841 (held)
     log.info("work dir %s; resolved config:\n%s", work_dir, format_config(cfg).rstrip())
     if ctx.is_main:
-        save_config(cfg, work_dir / SAVED_CONFIG_NAME)
         for stale in remove_stale_temp_files(work_dir):
             log.info("removed %s (left by an interrupted checkpoint write)", stale.name)
     configure_determinism(args.deterministic)
 
     on_gpu = ctx.device.type == "cuda"
     autocast_dtype, channels_last, scaler = training_precision(cfg, ctx.device)
-    train_loader = build_video_loader(cfg, "train", ctx, cfg.train.batch_size, dtype=autocast_dtype,
+    train_loader = build_video_loader(loader_cfg, "train", ctx, cfg.train.batch_size, dtype=autocast_dtype,
                                       channels_last=channels_last)
     log.info("train: %d videos, %d batches per epoch of %d x %d videos", len(train_loader.records),
              len(train_loader), ctx.world_size, cfg.train.batch_size)
     log_skipped_videos(train_loader.skipped, cfg.data.train_list)
     val_loader = None
     if not args.no_validate:
-        val_loader = build_video_loader(cfg, "val", ctx, cfg.train.batch_size, dtype=autocast_dtype,
+        val_loader = build_video_loader(loader_cfg, "val", ctx, cfg.train.batch_size, dtype=autocast_dtype,
                                         channels_last=channels_last)
         log.info("val: %d videos, every %d epochs", len(val_loader.records), cfg.train.val_interval)
         log_skipped_videos(val_loader.skipped, cfg.data.val_list)
@@ -414,6 +439,8 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
         log.info("all %d epochs are done already (%s)", cfg.train.epochs, resume_path)
         return
 
+    if ctx.is_main:  # written once the start succeeded, so a failed start leaves an earlier run's file as it was
+        save_config(cfg, work_dir / SAVED_CONFIG_NAME)
     metrics = MetricLog(work_dir, purge_step=progress.iteration) if ctx.is_main else None
     try:
         if metrics is not None:

@@ -44,6 +44,8 @@ LOG = logging.getLogger(__name__)
 MODES = ("train", "val", "test")
 _SHOWN_PATHS = 3
 GPU_DECODE_PIPELINES = 4  # data.decode_pipelines=0 on a GPU; a first guess that a GPU measurement is to settle
+# data.num_threads=0 in a VideoLoader built without runtime.apply_thread_budget (benchmarks, tests): the former default
+DIRECT_AUTO_THREADS = 4
 
 
 class LoaderError(ValueError):
@@ -197,7 +199,9 @@ class VideoLoader:
         self.dtype = dtype
         self.channels_last = channels_last
         self.source_workers = data_cfg.source_workers
-        self.num_threads = data_cfg.num_threads
+        # 0 = auto: train.py, evaluate.py and predict.py resolve it together with torch's threads
+        # (runtime.apply_thread_budget) before they get here; code that builds a loader directly gets 4.
+        self.num_threads = data_cfg.num_threads or DIRECT_AUTO_THREADS
         self.prefetch = data_cfg.prefetch_batches
         # 0 = auto: several pipelines on a GPU (their work overlaps on separate CUDA streams), one on the CPU,
         # where one pipeline's threads already use the cores.

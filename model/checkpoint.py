@@ -6,6 +6,9 @@ too. Files are read with `torch.load(weights_only=True)`: a checkpoint is data, 
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from torch import nn
 _NUMPY_SAFE_GLOBALS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, np._core.multiarray.scalar,
                        *{type(np.dtype(t)) for t in ("f4", "f8", "i4", "i8", "u1", "b1")}]
 _SHOWN_KEYS = 3
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 class CheckpointError(ValueError):
@@ -28,9 +32,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: not a checkpoint: empty file (0 bytes)")
+    if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file (neither torch.save's zip archive nor a "
+                              f"pickle); pass a .pth file train.py or MMAction2 saved")
     try:
-        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on the pickle protocol of a file that is no checkpoint
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text suggests weights_only=False, which would run whatever code the file holds: never pass it on.
+        found = _UNSUPPORTED_GLOBAL.search(str(e))
+        what = f"a Python object ({found.group(1)})" if found else "pickled data that is not tensors and plain values"
+        raise CheckpointError(f"{path}: not a checkpoint: it holds {what}, and checkpoints are read as data only "
+                              f"(tensors, numbers, strings, lists, dicts); use a checkpoint train.py or MMAction2 "
+                              f"saved") from None
     except Exception as e:  # torch raises many types for a damaged file; all mean the same to the user
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from e

@@ -227,3 +227,24 @@ def test_evaluate_smoke_records(bench_dir):
     assert "ratio_to_recipe" not in first
     assert second["ratio_to_recipe"] == {"k400_8x8x1": pytest.approx(
         second["videos_per_s"] / first["videos_per_s"], rel=0.01)}  # from videos/s before rounding
+
+
+@pytest.mark.slow
+def test_cpu_threads_smoke_records():
+    result = subprocess.run([sys.executable, "benchmarks/cpu_threads.py", "--smoke"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    measured, (summary,) = records[:-1], records[-1:]
+    assert [(r["variant"], r["condition"]) for r in measured] == [("defaults", "idle"), ("omp1", "idle")]
+    for record in measured:
+        missing = RECORD_KEYS - record.keys()
+        assert not missing, f"{record['variant']}: missing {sorted(missing)}"
+        assert record["smoke"] is True and record["clips_per_s"] > 0 and record["timed_steps"] == 5
+    # train.py's own thread line: the budget decides the defaults, OMP_NUM_THREADS the other
+    assert measured[0]["threads_line"].count("(auto)") == 2 and measured[0]["omp_num_threads"] is None
+    assert "(OMP_NUM_THREADS)" in measured[1]["threads_line"] and measured[1]["omp_num_threads"] == "1"
+    assert summary["type"] == "summary" and summary["best_omp"] == "omp1"
+    assert summary["defaults_to_best"] == pytest.approx(measured[0]["clips_per_s"] / measured[1]["clips_per_s"],
+                                                        abs=2e-3)
+    assert "defaults / best OMP (omp1)" in result.stderr

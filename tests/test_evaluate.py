@@ -1,5 +1,6 @@
 """evaluate.py: view averaging, metrics, the --dump records, BN folding, the cross-rank gather, default inputs."""
 
+import logging
 import os
 import pickle
 import subprocess
@@ -14,8 +15,8 @@ from torch import nn
 
 from checkpoints import write_checkpoint_files
 from config import ConfigError, config_to_dict, load_config, save_config
-from evaluate import (accuracy_metrics, average_views, dump_records, evaluate, fold_batchnorm, mean_class_accuracy,
-                      newest_run, parse_args, resolve_run)
+from evaluate import (accuracy_metrics, average_views, dump_records, evaluate, fold_batchnorm, main,
+                      mean_class_accuracy, newest_run, parse_args, resolve_run)
 from memory_loader import MemoryLoader
 from model import CheckpointError, build_model, load_checkpoint
 
@@ -227,6 +228,48 @@ def test_missing_inputs_are_one_line_errors(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "error: --dump result.json: the file name must end in .pkl or .pickle")
+
+
+@pytest.mark.parametrize("views, problem", [
+    ("0x3", "clips must be >= 1"),  # as a YAML value 0x3 is the hexadecimal integer 3
+    ("10x2", "crops must be 1 or 3, not 2"),
+    ("ten", "not two whole numbers joined by 'x'"),
+])
+def test_bad_views_are_one_line_errors_naming_the_flag(views, problem, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--views", views])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: argument --views: expected '<clips>x<crops>' with crops 1 or 3 (e.g. 10x3), got '{views}': "
+        f"{problem}")
+
+
+def test_the_views_flag_is_checked_and_normalised_before_it_becomes_an_override(tmp_path):
+    make_run(tmp_path / "run")
+    for views, expected in (("1x3", "1x3"), ("0010x1", "10x1"), ("1e3x1", None)):
+        if expected is None:
+            with pytest.raises(SystemExit):
+                args_for("--views", views)
+            continue
+        cfg, _ = resolve_run(args_for("--work-dir", str(tmp_path / "run"), "--views", views))
+        assert cfg.test.views == expected
+
+
+def test_evaluate_py_decides_its_thread_budget_once_and_logs_it(motion_set, tmp_path, capsys, monkeypatch):
+    make_run(tmp_path / "run")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        main(["--work-dir", str(tmp_path / "run"), "--views", "1x1", "--set", f"data.root={motion_set}",
+              "--set", f"data.test_list={motion_set / 'val_list.txt'}", "--set", "data.decode_device=cpu"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out = capsys.readouterr().out
+    threads = [line for line in out.splitlines() if " threads: " in line]
+    assert len(threads) == 1 and threads[0].endswith("+ torch 1 (OMP_NUM_THREADS)"), out[-2000:]
+    assert "12 videos scored, 0 skipped" in out
 
 
 @pytest.mark.slow

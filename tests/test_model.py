@@ -1,6 +1,7 @@
 """The R(2+1)D network: sizes and keys as MMAction2 has them, layouts, gradients and checkpoint loading."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -203,8 +204,11 @@ def test_unreadable_files_are_reported_with_their_path(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing\.pth: no such checkpoint file"):
         load_checkpoint(model, tmp_path / "missing.pth")
     (tmp_path / "notes.pth").write_text("these are not weights\n")
-    with pytest.raises(CheckpointError, match=r"notes\.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"notes\.pth: not a PyTorch checkpoint file \(neither torch\.save's"):
         load_checkpoint(model, tmp_path / "notes.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pth: not a checkpoint: empty file \(0 bytes\)$"):
+        load_checkpoint(model, tmp_path / "empty.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match=r"list\.pth: not a checkpoint \(holds a list"):
         load_checkpoint(model, tmp_path / "list.pth")
@@ -224,5 +228,14 @@ def test_pickled_code_is_refused(tmp_path):
             return (print, ("code ran",))
 
     torch.save({"state_dict": {}, "meta": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"evil\.pth: not a readable PyTorch checkpoint \(UnpicklingError"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth: not a checkpoint: it holds a Python object "
+                                              r"\((builtins\.)?print\), and checkpoints are read as data only") as info:
         load_checkpoint(build_model(depth=18, base_channels=8), tmp_path / "evil.pth")
+    # torch's own text advises weights_only=False, which would run the payload: that advice is not passed on
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    pickle_bytes = tmp_path / "set.pth"
+    pickle_bytes.write_bytes(pickle.dumps({"state_dict": {}, "ids": {1, 2}}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"set\.pth: not a checkpoint: it holds pickled data that is not "
+                                              r"tensors and plain values") as info:
+        load_checkpoint(build_model(depth=18, base_channels=8), pickle_bytes)
+    assert "weights_only" not in str(info.value)

@@ -143,3 +143,21 @@ def test_class_names_from_the_option_else_the_config_else_indices(trained_run, m
     short = predict(vp9, "--work-dir", str(trained_run), "--views", "1x1", "--class-names", str(names))
     assert short.returncode == 1
     assert short.stderr.strip().splitlines()[-1] == f"error: {names}: 2 class names, but model.num_classes is 4"
+
+
+@pytest.mark.slow
+def test_a_folder_is_its_videos_and_the_checkpoint_used_is_on_stderr(trained_run, motion_set, tmp_path):
+    folder = motion_set / "videos" / "val"
+    result = predict(str(folder), "--work-dir", str(trained_run), "--views", "1x1", "--json")
+    assert result.returncode == 0, result.stderr
+    expected = sorted(str(p) for p in folder.iterdir() if p.suffix == ".webm")
+    assert [json.loads(line)["video"] for line in result.stdout.splitlines()] == expected
+    best = trained_run / "latest.pth"  # trained without validation: no best checkpoint
+    assert f"checkpoint {best} (epoch 1), 1x1 views" in result.stderr.splitlines()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = predict(str(empty), "--work-dir", str(trained_run))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"error: {empty}: a folder without videos (files ending in "
+                                                      f".mp4, .webm, .mkv, .avi directly inside; sub-folders are "
+                                                      f"not searched)")

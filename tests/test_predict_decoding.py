@@ -7,6 +7,7 @@ still run.
 """
 
 import collections
+import logging
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -143,3 +144,27 @@ def test_a_video_dali_fails_on_is_reported_and_the_next_ones_still_predicted(run
     assert error.startswith(f"error: {bad}: DALI cannot decode it (")
     assert "marked unreadable" not in error  # predict's probe cache is temporary
     assert [json.loads(line)["video"] for line in out.out.splitlines()] == [str(good), str(other)]
+
+
+def test_a_folder_stands_for_its_videos_in_name_order_and_the_checkpoint_is_named(videos, run_files, tmp_path,
+                                                                                   capsys, caplog):
+    folder = tmp_path / "clips"
+    (folder / "nested").mkdir(parents=True)
+    names = ["e.webm", "b.webm", "f.webm", "a.webm", "d.WEBM", "c.webm"]  # created out of order
+    for name in [*names, "nested/g.webm"]:
+        (folder / name).write_bytes(videos["short"].read_bytes())
+    (folder / "notes.txt").write_text("not a video\n")
+    with caplog.at_level(logging.INFO, logger="predict"), caplog.at_level(logging.INFO, logger="runtime"):
+        lines, _ = run_predict(run_files, [videos["long_webm"], folder], capsys, "--views", "1x1")
+    assert sum(r.getMessage().startswith("threads: ") for r in caplog.records) == 1  # the budget, decided once
+    assert [line["video"] for line in lines] == [str(videos["long_webm"])] + [str(folder / n) for n in sorted(names)]
+    assert [line["top5"] for line in lines[1:]] == [lines[1]["top5"]] * len(names)  # the same clip each time
+    assert f"checkpoint {run_files[1]} (epoch ?), 1x1 views" in [r.getMessage() for r in caplog.records]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a video\n")
+    with pytest.raises(SystemExit) as stop:
+        run_predict(run_files, [videos["short"], empty], capsys)
+    assert str(stop.value.code) == (f"error: {empty}: a folder without videos (files ending in .mp4, .webm, .mkv, "
+                                    f".avi directly inside; sub-folders are not searched)")

@@ -58,3 +58,24 @@ def test_auto_scale_lr_then_resume_from_a_checkpoint_path(motion_set, tmp_path):
     assert resumed["progress"]["epoch"] == 2 and resumed["progress"]["iteration"] == 12
     assert any(not torch.equal(resumed["state_dict"][k], v) for k, v in saved["state_dict"].items())
     assert read_checkpoint(first / "latest.pth")["progress"] == saved["progress"]  # the source is left as it was
+
+
+def test_a_bad_resume_path_stops_in_one_line_before_probing_and_leaves_no_work_dir(motion_set, tmp_path):
+    notes = tmp_path / "notes.pth"
+    notes.write_text("these are not weights\n")
+    weights = tmp_path / "weights.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": {}}, weights)
+    for path, expected in ((notes, "not a PyTorch checkpoint file (neither torch.save's zip archive nor a pickle)"),
+                           (weights, "no 'optimizer' entry, so it cannot resume training")):
+        work_dir = tmp_path / f"run_{path.stem}"
+        values = {"data.root": motion_set, "data.train_list": motion_set / "train_list.txt", "train.epochs": 1}
+        sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+        result = subprocess.run([sys.executable, "train.py", "--config", "demo.yaml", "--work-dir", str(work_dir),
+                                 "--no-validate", "--resume", str(path), *sets], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {expected}"), result.stderr
+        assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
+        assert "probing" not in result.stdout and "probed" not in result.stdout  # checked before the lists
+        assert not work_dir.exists()
