@@ -22,28 +22,25 @@ For each video we demux the packets of its first video stream (PyAV; no pixel is
   one packet's end and the next one's start, display minus decode index), zlib-compressed and base64-encoded;
   about 0.4-0.6 kB per 300-frame video. `extradata`: the codec's configuration record (avcC/hvcC/av1C), base64.
 
-Results (and failures, with the reason) are cached in `<list file>.probe.json`, keyed by path and re-probed when a
-file's size or mtime changes; a cache of another CACHE_VERSION, or one that cannot be parsed, is probed again
-with a warning. Probing runs on a thread pool: PyAV releases the GIL while it reads.
+Results (and failures, with the reason) are stored in the list's binary video index (index.py), which also
+converts a version-3 `<list>.probe.json` cache of older code once. Probing runs on a thread pool: PyAV releases
+the GIL while it reads.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 2: packet table, extradata, profile, pix_fmt; 3: VP8/VP9 packets that show no frame
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder (PyPI build) accepts
 # FFmpeg codec name -> Matroska CodecID, for the codecs whose packets segments.py rewraps without changing them
 MATROSKA_CODECS = {"vp8": "V_VP8", "vp9": "V_VP9", "av1": "V_AV1", "mjpeg": "V_MJPEG",
@@ -244,59 +241,34 @@ def clean_keyframes(packets: list[tuple[int, bool]]) -> tuple[int, ...]:
     return tuple(keyframes)
 
 
-def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_workers: int = 8,
+def probe_videos(paths: list[str], num_workers: int = 8,
                  progress=None) -> tuple[dict[str, VideoInfo], dict[str, str]]:
-    """Probes many videos (cached); returns ({path: VideoInfo}, {path: reason}) for usable and unusable ones.
+    """Probes many videos; returns ({path: VideoInfo}, {path: reason}) for usable and unusable ones.
 
-    `progress(done, total)`, when given, is called after each video that had to be probed.
+    `progress(done, total)`, when given, is called after each video. index.py stores the results.
     """
-    cache = _read_cache(cache_file) if cache_file else {}
-    stats, todo, malformed, results = {}, [], [], {}
-    for path in dict.fromkeys(paths):
-        stat = _file_stat(path)
-        stats[path] = stat
-        entry = cache.get(path)
-        result = None if entry is None else _entry_result(entry)
-        if entry is not None and result is None:
-            malformed.append(path)
-        if result is None or entry.get("stat") != stat:
-            todo.append(path)
-        else:
-            results[path] = result
-    if malformed:
-        LOG.warning("%s: %d malformed probe cache entries (first: %s); probing them again", cache_file,
-                    len(malformed), malformed[0])
-    if todo:
-        LOG.info("probing %d of %d videos (frame counts and keyframes) with %d threads",
-                 len(todo), len(stats), num_workers)
-        with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for done, (path, entry) in enumerate(zip(todo, pool.map(_probe_entry, todo)), start=1):
-                cache[path] = {"stat": stats[path], **entry}
-                if progress is not None:
-                    progress(done, len(todo))
-        if cache_file:
-            _write_cache(cache_file, cache)
+    todo = list(dict.fromkeys(paths))
     infos, failures = {}, {}
-    for path in stats:
-        result = results[path] if path in results else _entry_result(cache[path])
-        if isinstance(result, str):
-            failures[path] = result
-        else:
-            infos[path] = result
+    if not todo:
+        return infos, failures
+    LOG.info("probing %d videos (frame counts and keyframes) with %d threads", len(todo), num_workers)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        for done, (path, result) in enumerate(zip(todo, pool.map(probe_or_reason, todo)), start=1):
+            if isinstance(result, str):
+                failures[path] = result
+            else:
+                infos[path] = result
+            if progress is not None:
+                progress(done, len(todo))
     return infos, failures
 
 
-def _entry_result(entry) -> VideoInfo | str | None:
-    """A cache entry's VideoInfo or failure reason; None when the entry is malformed (edited, or written by
-    other code)."""
+def probe_or_reason(path: str) -> VideoInfo | str:
+    """probe_video's VideoInfo, or the reason it cannot be used."""
     try:
-        if isinstance(entry.get("error"), str):
-            return entry["error"]
-        info = entry["info"]
-        # A version-3 entry has no hidden_frames: unknown (-1), not 0 (nvdec routing treats unknown as hidden).
-        return VideoInfo(**{"hidden_frames": -1, **info, "keyframes": tuple(int(k) for k in info["keyframes"])})
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
+        return probe_video(path)
+    except ProbeError as e:
+        return str(e)
 
 
 def decode_error(path: str | Path, num_frames: int) -> str | None:
@@ -313,53 +285,10 @@ def decode_error(path: str | Path, num_frames: int) -> str | None:
     return None
 
 
-def mark_unreadable(cache_file: str | Path, path: str, reason: str) -> None:
-    """Records a failure found at decode time in the cache, so later runs leave the video out (until it changes)."""
-    cache = _read_cache(cache_file)
-    cache[path] = {"stat": _file_stat(path), "error": reason}
-    _write_cache(cache_file, cache)
-
-
-def _probe_entry(path: str) -> dict:
-    try:
-        return {"info": asdict(probe_video(path))}
-    except ProbeError as e:
-        return {"error": str(e)}
-
-
-def _file_stat(path: str) -> list[int] | None:
+def file_stat(path: str) -> tuple[int, int]:
+    """(size in bytes, mtime in ns) of `path`, (-1, -1) when it cannot be statted (missing)."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _read_cache(cache_file: str | Path) -> dict:
-    try:
-        data = json.loads(Path(cache_file).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        LOG.warning("%s: unreadable probe cache (%s); probing again", cache_file, e)
-        return {}
-    if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
-        LOG.warning("%s: not a probe cache (no 'videos' table); probing again", cache_file)
-        return {}
-    if data.get("version") != CACHE_VERSION:
-        LOG.warning("%s: probe cache of version %s, this code reads version %d; probing again", cache_file,
-                    data.get("version"), CACHE_VERSION)
-        return {}
-    return data["videos"]
-
-
-def _write_cache(cache_file: str | Path, cache: dict) -> None:
-    """Atomic: concurrent writers (several ranks) each replace the file whole, never leave half a file."""
-    cache_file = Path(cache_file)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "videos": cache}, f)
-        os.replace(tmp, cache_file)
-    except OSError as e:
-        LOG.warning("%s: cannot write the probe cache (%s); the next run probes again", cache_file, e)
+        return -1, -1
+    return st.st_size, st.st_mtime_ns

@@ -15,6 +15,9 @@ No frame is decoded here. Two ways, chosen per video by what the probe found (pr
   calls, about 9-11 ms per clip), for files whose packets the probe could not place (e.g. MPEG-TS, Annex-B H.264
   without avcC, laced Matroska blocks).
 A cut that is the whole video is the file itself, either way.
+
+The cut also checks that the file is still the one the index describes (`stat`: size and mtime when probed): a
+video replaced since the probe would otherwise be cut at stale byte offsets. VideoChanged names it.
 """
 
 from __future__ import annotations
@@ -51,29 +54,62 @@ def segment_bounds(info: VideoInfo, first_frame: int, last_frame: int) -> tuple[
     return start, stop
 
 
-def read_segment(path: str | Path, info: VideoInfo, first_frame: int, last_frame: int) -> tuple[np.ndarray, int]:
-    """(encoded bytes as uint8, base): a decodable file holding frames base..stop-1 of `path` (display order)."""
+class VideoChanged(RuntimeError):
+    """A video whose size or mtime differs from the probe's: its index entry no longer describes it. A RuntimeError
+    like DALI's own errors, so the loader's guard around DALI's step finds it and marks the video."""
+
+    def __init__(self, path: str | Path, probed: tuple[int, int], now: tuple[int, int]):
+        super().__init__(f"{path}: changed since it was probed (size {probed[0]} -> {now[0]} bytes, mtime "
+                         f"{probed[1]} -> {now[1]} ns); probed again at the next start")
+        self.path = str(path)
+
+
+def read_segment(path: str | Path, info: VideoInfo, first_frame: int, last_frame: int,
+                 stat: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+    """(encoded bytes as uint8, base): a decodable file holding frames base..stop-1 of `path` (display order).
+
+    `stat`: (size, mtime_ns) the probe saw; VideoChanged when the file's differs.
+    """
     start, stop = segment_bounds(info, first_frame, last_frame)
-    if start == 0 and stop == info.num_frames:
-        return np.fromfile(path, dtype=np.uint8), 0
-    if info.packets:
-        return np.frombuffer(matroska_cut(path, info, start, stop), dtype=np.uint8), start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if stat is not None:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != tuple(stat):
+                raise VideoChanged(path, tuple(stat), (st.st_size, st.st_mtime_ns))
+        if start == 0 and stop == info.num_frames:
+            return np.frombuffer(_read_all(fd, path), dtype=np.uint8), 0
+        if info.packets:
+            return np.frombuffer(matroska_cut(path, info, start, stop, fd), dtype=np.uint8), start
+    finally:
+        os.close(fd)
     return pyav_cut(path, info, start, stop)
 
 
-def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int) -> bytes:
-    """Packets start..stop-1 (decode order; start and stop clean keyframes) of `path` as a Matroska file."""
+def _read_all(fd: int, path: str | Path) -> bytes:
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise OSError(f"{path}: read {len(data)} of {size} bytes")
+    return data
+
+
+def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int, fd: int | None = None) -> bytes:
+    """Packets start..stop-1 (decode order; start and stop clean keyframes) of `path` (read through `fd` when
+    given) as a Matroska file."""
     offsets, sizes, display = unpack_packets(info.packets, info.num_frames)
     offsets, sizes, display = offsets[start:stop], sizes[start:stop], display[start:stop] - start
     low, high = int(offsets.min()), int((offsets + sizes).max())
-    fd = os.open(path, os.O_RDONLY)
+    own = fd is None
+    fd = os.open(path, os.O_RDONLY) if own else fd
     try:
         data = os.pread(fd, high - low, low)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     if len(data) != high - low:
         raise OSError(f"{path}: file shorter than its probe says ({low + len(data)} of {high} bytes); "
-                      f"delete {path}'s entry from the probe cache or the cache itself to probe it again")
+                      f"it changed since it was probed: touch it so that the next start probes it again")
     view = memoryview(data)
     count = stop - start
     firsts = np.arange(0, count, _BLOCKS_PER_CLUSTER)  # first block of each Cluster
