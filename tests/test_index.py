@@ -185,8 +185,8 @@ def test_an_unwritable_index_location_is_one_line_at_start_up(clips, tmp_path):
         VideoLoader(cfg, "val", batch_size=2, num_classes=2)
     message = str(raised.value)
     assert "\n" not in message and message.startswith(str(blocker / "indexes" / "list.txt."))
-    assert "cannot write the video index here (No such file or directory" in message or "Not a directory" in message
-    assert message.endswith("set data.index_dir to a writable folder")
+    assert message.endswith(".index: cannot write the video index here (Not a directory); set data.index_dir to a "
+                            "writable folder")
 
 
 def write_v3_cache(cache_file: Path, entries: dict) -> None:
