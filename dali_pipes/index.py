@@ -449,8 +449,14 @@ def check_labels(index: VideoIndex, list_file: str, root: str, num_classes: int)
 
 
 def prepare_index(list_file: str, root: str, num_classes: int, index_path: str | Path, num_workers: int = 8,
-                  progress: Callable[[int, int], None] | None = None) -> VideoIndex:
-    """The prober: brings the index of `list_file` up to date (module docstring) and returns it opened."""
+                  progress: Callable[[int, int], None] | None = None,
+                  known: dict[str, VideoInfo | str] | None = None) -> VideoIndex:
+    """The prober: brings the index of `list_file` up to date (module docstring) and returns it opened.
+
+    `known`: probe results the caller has just found (tools/prepare_kinetics.py probes before it writes the list),
+    used instead of probing those videos again.
+    """
+    known = known or {}
     index_path = Path(index_path)
     meta = ListMeta.of(list_file, root)
     old = None
@@ -504,6 +510,8 @@ def prepare_index(list_file: str, root: str, num_classes: int, index_path: str |
                 source[row] = was
         elif path in legacy and legacy[path][0] == stat:
             new[row] = legacy[path][1]
+        elif path in known:
+            new[row] = known[path]
         else:
             todo.append(row)
     if legacy:
@@ -525,6 +533,22 @@ def prepare_index(list_file: str, root: str, num_classes: int, index_path: str |
     index = VideoIndex.open(index_path)
     check_labels(index, list_file, root, num_classes)
     return index
+
+
+def unchanged_entries(index_path: str | Path, paths: list[str]) -> dict[str, VideoInfo | str]:
+    """{path: VideoInfo or reason} of those `paths` the index at `index_path` holds with the file's current stat
+    (for a caller that probes before its list exists); {} without a readable index."""
+    try:
+        index = VideoIndex.open(index_path)
+    except VideoIndexError:
+        return {}
+    rows = {p: i for i, p in enumerate(index.paths())}
+    entries = {}
+    for path in paths:
+        row = rows.get(path)
+        if row is not None and index.stat(row) == file_stat(path) and index.size[row] >= 0:
+            entries[path] = index.reason_of(row) or index.info(row)
+    return entries
 
 
 def _warn_if_unwritable(index_path: Path) -> None:
