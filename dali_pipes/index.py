@@ -67,6 +67,7 @@ _CSR_COLUMNS = {"keyframes": ("keyframe_offsets", "keyframes", np.int32),
                 "packets": ("packet_offsets", "packet_blob", np.uint8),
                 "extradata": ("extradata_offsets", "extradata_blob", np.uint8)}
 _SCALAR_COLUMNS = ("num_frames", "width", "height", "hidden_frames")
+_GATHER_ROWS = 20_000  # rows copied per step when an index is rewritten (bounds the temporary index arrays)
 _JOURNAL_LINE_MAX = 4000  # bytes; below PIPE_BUF (4096), so one write() is one unbroken line
 _SHOWN = 3
 
@@ -307,13 +308,15 @@ def _gather_csr(n: int, copied: np.ndarray, rows_from: np.ndarray, old_offsets, 
         lengths[row] = len(part)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.empty(int(offsets[-1]), dtype)
-    if copied.any():
-        copied_lengths = lengths[copied]
-        # flat positions of the copied rows' elements, and where each comes from in the old flat array
-        starts_new, starts_old = offsets[:-1][copied], old_offsets[rows_from]
-        total = int(copied_lengths.sum())
-        within = np.arange(total) - np.repeat(np.cumsum(copied_lengths) - copied_lengths, copied_lengths)
-        flat[np.repeat(starts_new, copied_lengths) + within] = old_flat[np.repeat(starts_old, copied_lengths) + within]
+    copied_rows = np.nonzero(copied)[0]
+    for first in range(0, len(copied_rows), _GATHER_ROWS):  # in chunks: the index arrays are 8x the data copied
+        rows = copied_rows[first:first + _GATHER_ROWS]
+        chunk_lengths = lengths[rows]
+        # flat positions of these rows' elements, and where each comes from in the old flat array
+        starts_new, starts_old = offsets[rows], old_offsets[rows_from[first:first + _GATHER_ROWS]]
+        within = np.arange(int(chunk_lengths.sum())) - np.repeat(np.cumsum(chunk_lengths) - chunk_lengths,
+                                                                  chunk_lengths)
+        flat[np.repeat(starts_new, chunk_lengths) + within] = old_flat[np.repeat(starts_old, chunk_lengths) + within]
     for row, part in new_parts.items():
         flat[offsets[row]:offsets[row + 1]] = part
     return offsets, flat
@@ -648,7 +651,7 @@ class ListVideos:
     def mismatch_count(self) -> int:
         return int(self._mismatched.sum())
 
-    def codec_names(self) -> np.ndarray:
-        """Codec name per usable video (object array; from the uint8 ids, no VideoInfo built)."""
-        table = np.array(self.index.strings["codec"] or [""], dtype=object)
-        return table[self.index.codec[self.rows]]
+    def not_among(self, codecs: tuple[str, ...]) -> np.ndarray:
+        """Indices of the usable videos whose codec is not one of `codecs` (on the uint8 ids, no VideoInfo built)."""
+        allowed = [k for k, name in enumerate(self.index.strings["codec"]) if name in codecs]
+        return np.nonzero(~np.isin(self.index.codec[self.rows], allowed))[0]

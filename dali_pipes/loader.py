@@ -525,10 +525,9 @@ def probe_list(list_file: str, root: str, num_classes: int, num_workers: int = 8
 
 
 def _check_cpu_codecs(videos: ListVideos) -> None:
-    codecs = videos.codec_names()
-    other = np.nonzero(~np.isin(codecs, CPU_CODECS))[0]
+    other = videos.not_among(CPU_CODECS)
     if len(other):
-        path, codec = videos.path(int(other[0])), codecs[other[0]]
+        path, codec = videos.path(int(other[0])), videos.info(int(other[0])).codec
         raise LoaderError(
             f"{path}: {codec} video cannot be decoded on the CPU ({len(other)} of {len(videos)} videos are not "
             f"{'/'.join(CPU_CODECS)}); DALI decodes {codec} only on a GPU (NVDEC): run on a GPU with "
