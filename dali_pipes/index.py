@@ -9,15 +9,21 @@ container names, which the uint8 id columns point into), the list file it was ma
 root its paths are relative to) and a random `nonce` that changes with every write. Arrays, N videos (the list's
 distinct paths, in list order) and L list lines:
 
-    path_offsets int64 (N+1), path_blob uint8      UTF-8 paths, CSR: path i is blob[offsets[i]:offsets[i+1]]
+    path_offsets (N+1), path_blob uint8              UTF-8 paths, CSR: path i is blob[offsets[i]:offsets[i+1]]
     size, mtime_ns int64 (N)                         the file's stat when probed (-1 when missing)
     reason int32 (N)                                 -1: usable, else a row of reason_offsets/reason_blob
     num_frames, width, height, hidden_frames int32 (N)
     codec, profile, pix_fmt, container uint8 (N)     ids into the header's string tables
-    keyframe_offsets int64 (N+1), keyframes int32    clean keyframes, CSR
-    packet_offsets int64 (N+1), packet_blob uint8    probe.pack_packets' table, raw zlib bytes, CSR (empty: none)
-    extradata_offsets int64 (N+1), extradata_blob uint8
-    line_row, line_label, line_frames int32 (L)     per list line: its video, its label, its frame count (-1)
+    keyframe_offsets (N+1), keyframes int32          clean keyframes, CSR
+    block_offsets (N+1), block_positions             WebM/Matroska: each clean keyframe's block offset in the file,
+                                                     then the end of the last frame (VideoInfo.blocks), CSR
+    track int32 (N)                                  the video's Matroska track number (with block_positions)
+    packet_offsets (N+1), packet_blob uint8          probe.pack_packets' table, raw zlib bytes, CSR; kept only for
+                                                     videos without block positions (MP4: the cut needs each
+                                                     packet's place, and MP4 keeps it in its header, not inline)
+    extradata_offsets (N+1), extradata_blob uint8
+    (offsets and block positions are uint32 when every value fits, else int64)
+    line_row, line_label, line_frames int32 (L)      per list line: its video, its label, its frame count (-1)
 
 `VideoIndex.open` maps the file (mmap, read-only) and wraps each array with np.frombuffer: nothing is parsed but
 the header, and every process of a machine shares the pages through the page cache. A `VideoInfo` is built only for
@@ -64,9 +70,13 @@ LEGACY_CACHE_VERSION = 3  # the `<list>.probe.json` of older code, converted onc
 _ALIGN = 64
 _STRING_COLUMNS = ("codec", "profile", "pix_fmt", "container")
 _CSR_COLUMNS = {"keyframes": ("keyframe_offsets", "keyframes", np.int32),
+                "blocks": ("block_offsets", "block_positions", np.int64),
                 "packets": ("packet_offsets", "packet_blob", np.uint8),
                 "extradata": ("extradata_offsets", "extradata_blob", np.uint8)}
-_SCALAR_COLUMNS = ("num_frames", "width", "height", "hidden_frames")
+_SCALAR_COLUMNS = ("num_frames", "width", "height", "hidden_frames", "track")
+_ARRAYS = {"path_offsets", "path_blob", "size", "mtime_ns", "reason", "reason_offsets", "reason_blob",
+           *_SCALAR_COLUMNS, *_STRING_COLUMNS, *(name for names in _CSR_COLUMNS.values() for name in names[:2]),
+           "line_row", "line_label", "line_frames"}
 _GATHER_ROWS = 20_000  # rows copied per step when an index is rewritten (bounds the temporary index arrays)
 _JOURNAL_LINE_MAX = 4000  # bytes; below PIPE_BUF (4096), so one write() is one unbroken line
 _SHOWN = 3
@@ -136,6 +146,9 @@ class VideoIndex:
                                       f"version {INDEX_VERSION}")
             arrays = {name: np.frombuffer(buffer, np.dtype(dtype), count, offset)
                       for name, (dtype, count, offset) in header["arrays"].items()}
+            missing = sorted(_ARRAYS - set(arrays))
+            if missing:
+                raise VideoIndexError(f"{path}: damaged video index (no {missing[0]} array)")
             return cls(path, header, arrays, buffer)
         except (ValueError, KeyError, TypeError) as e:
             if isinstance(e, VideoIndexError):
@@ -176,7 +189,8 @@ class VideoIndex:
             container=self.strings["container"][self.container[row]],
             profile=self.strings["profile"][self.profile[row]], pix_fmt=self.strings["pix_fmt"][self.pix_fmt[row]],
             packets=_b64(csr["packets"]), extradata=_b64(csr["extradata"]),
-            hidden_frames=int(self.hidden_frames[row]))
+            hidden_frames=int(self.hidden_frames[row]), blocks=tuple(csr["blocks"].tolist()),
+            track=int(self.track[row]))
 
     def _slice(self, key: str, row: int) -> np.ndarray:
         offsets_name, flat_name, _ = _CSR_COLUMNS[key]
@@ -247,7 +261,9 @@ def write_index(path: str | Path, meta: ListMeta, paths: list[str], stats: np.nd
         for column in _STRING_COLUMNS:
             ids[column][row] = strings[column].id(getattr(entry, column))
         new_flat["keyframes"][row] = np.asarray(entry.keyframes, np.int32)
-        new_flat["packets"][row] = np.frombuffer(_unb64(entry.packets), np.uint8)
+        new_flat["blocks"][row] = np.asarray(entry.blocks, np.int64)
+        # With block offsets the cut parses the packets' places: no per-packet table (most of the file otherwise)
+        new_flat["packets"][row] = np.frombuffer(b"" if entry.blocks else _unb64(entry.packets), np.uint8)
         new_flat["extradata"][row] = np.frombuffer(_unb64(entry.extradata), np.uint8)
     arrays["reason"] = reason
     arrays["reason_offsets"], arrays["reason_blob"] = _blob([r.encode() for r in reasons.values])
@@ -261,6 +277,9 @@ def write_index(path: str | Path, meta: ListMeta, paths: list[str], stats: np.nd
         old_flat = old.arrays[flat_name] if old is not None else None
         arrays[offsets_name], arrays[flat_name] = _gather_csr(n, copied, rows_from, old_offsets, old_flat,
                                                              new_flat[key], dtype)
+    for name in ("path_offsets", "reason_offsets", "block_positions",
+                 *(names[0] for names in _CSR_COLUMNS.values())):
+        arrays[name] = _narrow(arrays[name])
     arrays["line_row"], arrays["line_label"] = lines.row.astype(np.int32), lines.label.astype(np.int32)
     arrays["line_frames"] = lines.frames.astype(np.int32)
     header = {"version": INDEX_VERSION, "nonce": uuid.uuid4().hex, "list": meta.__dict__,
@@ -285,6 +304,14 @@ def _old_reasons(old: VideoIndex | None) -> list[str]:
         return []
     blob, offsets = bytes(old.reason_blob), old.reason_offsets.tolist()
     return [blob[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """uint32 when every value fits (offsets into blobs under 4 GiB, byte positions in files under 4 GiB): a fifth
+    of a Kinetics-size index."""
+    if not len(values) or (values.min() >= 0 and values.max() < 2**32):
+        return values.astype(np.uint32)
+    return values.astype(np.int64)
 
 
 def _blob(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

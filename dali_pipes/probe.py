@@ -65,6 +65,10 @@ class VideoInfo:
     # Frames decoded but never shown (VP9 alt-ref frames packed into a superframe with a shown one): 0 for other
     # codecs; -1 when unknown (an entry of a version-3 probe cache, written before the probe counted them).
     hidden_frames: int = 0
+    # Matroska/WebM only (matroska_blocks): the byte offset of each clean keyframe's block element, then the end of
+    # the last counted packet; segments.py finds the packets between them by parsing that range. () otherwise.
+    blocks: tuple[int, ...] = ()
+    track: int = 0  # the video's Matroska track number (with `blocks`)
 
 
 class ProbeError(ValueError):
@@ -121,9 +125,67 @@ def probe_video(path: str | Path) -> VideoInfo:
     if codec in MATROSKA_CODECS and all(offset >= 0 for offset, _ in places) and (
             codec not in _NEEDS_EXTRADATA or extradata[:1] == bytes([_NEEDS_EXTRADATA[codec]])):
         table = pack_packets([o for o, _ in places], [s for _, s in places], display_order(packets))
-    return VideoInfo(len(packets), clean_keyframes(packets), codec, width, height, container_name,
+    keyframes = clean_keyframes(packets)
+    blocks, track = (), 0
+    if table and container_name == "matroska,webm" and display_order(packets) == list(range(len(packets))):
+        blocks, track = _block_offsets(blob, places, keyframes)
+    return VideoInfo(len(packets), keyframes, codec, width, height, container_name,
                      str(profile), str(pix_fmt), table, base64.b64encode(extradata).decode() if table else "",
-                     sum(hidden[:num_shown]))
+                     sum(hidden[:num_shown]), blocks, track)
+
+
+def _block_offsets(blob: bytes, places: list[tuple[int, int]], keyframes: tuple[int, ...]
+                   ) -> tuple[tuple[int, ...], int]:
+    """(VideoInfo.blocks, track) when parsing the file's Matroska blocks finds exactly the demuxer's packets, in
+    order (so segments.py can find them again by parsing a byte range); ((), 0) when it does not."""
+    found = matroska_blocks(blob)
+    first = next((b for b in found if b[1] == places[0][0]), None)
+    if first is None:
+        return (), 0
+    track = first[3]
+    video = [b for b in found if b[3] == track and b[2] != 0]
+    if len(video) < len(places) or any(b[1] < 0 or (b[1], b[2]) != place for b, place in zip(video, places)):
+        return (), 0
+    last_offset, last_size = places[-1]
+    return tuple(video[k][0] for k in keyframes) + (last_offset + last_size,), track
+
+
+# Matroska element IDs (EBML, RFC 8794; Matroska, RFC 9559): elements whose children matroska_blocks reads
+_SEGMENT, _CLUSTER, _BLOCK_GROUP = 0x18538067, 0x1F43B675, 0xA0
+_SIMPLE_BLOCK, _BLOCK = 0xA3, 0xA1
+
+
+def matroska_blocks(data: bytes | memoryview) -> list[tuple[int, int, int, int]]:
+    """(element offset, data offset, data size, track number) of each SimpleBlock/Block in `data`, in file order:
+    `data` is a Matroska file, or a byte range of one that starts at an element (segments.py). Segment, Cluster and
+    BlockGroup are entered, every other element skipped by its size. A laced block (several frames) has data
+    offset and size -1. Parsing stops at an element that does not fit in `data`."""
+    out = []
+    pos, end = 0, len(data)
+    while pos < end:
+        element = pos
+        id_length = 9 - data[pos].bit_length()  # the ID keeps its length marker: 1..4 bytes
+        if not 1 <= id_length <= 4 or pos + id_length >= end:
+            break
+        element_id = int.from_bytes(data[pos:pos + id_length], "big")
+        pos += id_length
+        size_length = 9 - data[pos].bit_length()
+        if not 1 <= size_length <= 8 or pos + size_length > end:
+            break
+        size = int.from_bytes(data[pos:pos + size_length], "big") & ((1 << (7 * size_length)) - 1)
+        pos += size_length
+        if element_id in (_SEGMENT, _CLUSTER, _BLOCK_GROUP):
+            continue  # its children follow (an unknown size, all ones, is fine here)
+        if pos + size > end:
+            break
+        if element_id in (_SIMPLE_BLOCK, _BLOCK):
+            track_length = 9 - data[pos].bit_length()
+            track = int.from_bytes(data[pos:pos + track_length], "big") & ((1 << (7 * track_length)) - 1)
+            head = track_length + 3  # track number, int16 timecode, flags
+            laced = data[pos + track_length + 2] & 0x06
+            out.append((element, -1, -1, track) if laced else (element, pos + head, size - head, track))
+        pos += size
+    return out
 
 
 def _locate(blob: bytes, pos: int | None, data: bytes) -> int:

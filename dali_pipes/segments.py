@@ -11,6 +11,10 @@ No frame is decoded here. Two ways, chosen per video by what the probe found (pr
   header, Segment, Info, Tracks with the codec and its extradata, Clusters of SimpleBlocks). Matroska carries raw
   packets of VP8/VP9/AV1/MJPEG and length-prefixed H.264/HEVC (CodecPrivate = the avcC/hvcC an MP4 holds) alike,
   so MP4/H.264 and WebM/VP9 take the same code. No container library is opened: about 0.1-0.3 ms per clip.
+- block path (`info.blocks` set: a WebM/Matroska file whose blocks the probe found to be exactly its packets): the
+  index keeps only each clean keyframe's block offset (a per-packet table would be most of a Kinetics-size index,
+  docs/PERFORMANCE.md); the one read covers the keyframes' byte range and its blocks are parsed
+  (probe.matroska_blocks: element headers only, no container library), then rewrapped as above.
 - fallback: PyAV demuxes the file and remuxes the packets into a new container of the same format (two `av.open`
   calls, about 9-11 ms per clip), for files whose packets the probe could not place (e.g. MPEG-TS, Annex-B H.264
   without avcC, laced Matroska blocks).
@@ -32,7 +36,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from dali_pipes.probe import MATROSKA_CODECS, VideoInfo, unpack_packets
+from dali_pipes.probe import MATROSKA_CODECS, VideoInfo, matroska_blocks, unpack_packets
 
 # FFmpeg demuxer name -> muxer that writes the same kind of file (the PyAV fallback)
 _MUXERS = {"matroska,webm": "matroska", "mov,mp4,m4a,3gp,3g2,mj2": "mp4", "avi": "avi"}
@@ -79,6 +83,8 @@ def read_segment(path: str | Path, info: VideoInfo, first_frame: int, last_frame
                 raise VideoChanged(path, tuple(stat), (st.st_size, st.st_mtime_ns))
         if start == 0 and stop == info.num_frames:
             return np.frombuffer(_read_all(fd, path), dtype=np.uint8), 0
+        if info.blocks:
+            return np.frombuffer(block_cut(path, info, start, stop, fd), dtype=np.uint8), start
         if info.packets:
             return np.frombuffer(matroska_cut(path, info, start, stop, fd), dtype=np.uint8), start
     finally:
@@ -110,7 +116,30 @@ def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int, fd: i
     if len(data) != high - low:
         raise OSError(f"{path}: file shorter than its probe says ({low + len(data)} of {high} bytes); "
                       f"it changed since it was probed: touch it so that the next start probes it again")
-    view = memoryview(data)
+    return _matroska_file(memoryview(data), info, start, stop, offsets - low, sizes, display)
+
+
+def block_cut(path: str | Path, info: VideoInfo, start: int, stop: int, fd: int) -> bytes:
+    """As matroska_cut, for a Matroska file the index keeps no packet table of: one read from the block of
+    keyframe `start` to that of keyframe `stop` (or the end of the last frame), whose blocks of the video's track
+    are the packets start..stop-1 (probe.matroska_blocks; decode order is display order there)."""
+    k = bisect.bisect_left(info.keyframes, start)
+    after = bisect.bisect_left(info.keyframes, stop) if stop < info.num_frames else len(info.keyframes)
+    low, high = info.blocks[k], info.blocks[after]
+    data = os.pread(fd, high - low, low)
+    found = [b for b in matroska_blocks(data) if b[3] == info.track and b[2] != 0][:stop - start]
+    if len(data) != high - low or len(found) != stop - start or any(b[1] < 0 for b in found):
+        raise OSError(f"{path}: bytes {low}..{high} do not hold frames {start}..{stop - 1} as probed ({len(found)} "
+                      f"blocks); it changed since it was probed: touch it so that the next start probes it again")
+    offsets = np.array([b[1] for b in found], np.int64)
+    sizes = np.array([b[2] for b in found], np.int64)
+    return _matroska_file(memoryview(data), info, start, stop, offsets, sizes, np.arange(stop - start))
+
+
+def _matroska_file(view: memoryview, info: VideoInfo, start: int, stop: int, offsets: np.ndarray,
+                   sizes: np.ndarray, display: np.ndarray) -> bytes:
+    """Packets start..stop-1, at `offsets` (int64, into `view`) with `sizes`, display indices from 0 (`display`),
+    as a Matroska file."""
     count = stop - start
     firsts = np.arange(0, count, _BLOCKS_PER_CLUSTER)  # first block of each Cluster
     cluster_times = np.minimum.reduceat(display, firsts)
@@ -124,7 +153,7 @@ def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int, fd: i
     heads["flags"] = np.where(clean, 0x80, 0)
     heads = memoryview(heads.tobytes())
     block_bytes = np.cumsum(np.concatenate([[0], sizes + 9]))  # bytes of blocks 0..i-1
-    offsets, sizes = (offsets - low).tolist(), sizes.tolist()
+    offsets, sizes = offsets.tolist(), sizes.tolist()
     out = [_header(info.codec, info.extradata, info.width, info.height)]  # joined once: packets copied once
     for first, cluster_time in zip(firsts.tolist(), cluster_times.tolist()):
         last = min(first + _BLOCKS_PER_CLUSTER, count)

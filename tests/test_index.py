@@ -12,7 +12,7 @@ import os
 import pickle
 import stat
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +64,9 @@ def clips(tmp_path):
 
 
 def test_the_index_holds_what_the_probe_found(videos, tmp_path):
-    """Every field of every video's VideoInfo, a failure with its reason, and the list's lines (a video listed
-    twice under two labels is one row), read back from the mapped file."""
+    """Every field of every video's VideoInfo (but the packet table of a video with block offsets), a failure with
+    its reason, and the list's lines (a video listed twice under two labels is one row), read back from the mapped
+    file."""
     names = ["long_webm", "long_mp4", "short", "h264", "portrait", "default_gop"]
     entries = [(videos[n], k % 4) for k, n in enumerate(names)] + [(tmp_path / "gone.webm", 1), (videos["short"], 3)]
     list_file = write_list(tmp_path, entries)
@@ -74,7 +75,10 @@ def test_the_index_holds_what_the_probe_found(videos, tmp_path):
     assert index.line_label.tolist() == [0, 1, 2, 3, 0, 1, 1, 3]
     for row, name in enumerate(names):
         assert index.video_path(row) == str(videos[name])
-        assert asdict(index.info(row)) == asdict(probe_video(videos[name])), name
+        probed = probe_video(videos[name])
+        if probed.blocks:  # WebM: the cut parses the blocks between keyframes, no per-packet table is stored
+            probed = replace(probed, packets="")
+        assert asdict(index.info(row)) == asdict(probed), name
         assert index.stat(row) == (videos[name].stat().st_size, videos[name].stat().st_mtime_ns)
     assert index.reason_of(6) == "no such file" and index.reason_of(0) is None
     assert not index.num_frames.flags.writeable  # a read-only map, not a copy

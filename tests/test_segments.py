@@ -13,7 +13,7 @@ from dali_pipes.probe import probe_video, unpack_packets
 from dali_pipes.segments import read_segment, segment_bounds
 from tools.make_synthetic import index_frames, k400like_frames, read_index, write_video
 
-PATHS = ["fast", "fallback"]
+PATHS = ["fast", "table", "fallback"]  # fast: block offsets in WebM (the packet table in MP4)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,25 @@ def textured_h264(tmp_path_factory):
 
 
 def probed(path, way):
-    """The probe's VideoInfo, without its packet table for the fallback path."""
+    """The probe's VideoInfo; for the table path without its block offsets, for the fallback without either."""
     info = probe_video(path)
     assert info.packets, f"{path}: the probe found no packet table"
-    return info if way == "fast" else dataclasses.replace(info, packets="")
+    if way == "fast":
+        return info
+    return dataclasses.replace(info, blocks=()) if way == "table" else dataclasses.replace(info, packets="", blocks=())
+
+
+@pytest.mark.parametrize("first, last", [(0, 7), (31, 40), (100, 107), (250, 299), (292, 299)])
+def test_a_cut_found_by_parsing_blocks_is_the_cut_of_the_packet_table(videos, first, last):
+    """WebM: the index keeps each clean keyframe's block offset, not every packet's place; parsing the blocks in
+    between yields the very bytes the packet table's cut does. MP4 keeps its packets' places in its header: no
+    block offsets there."""
+    info = probe_video(videos["long_webm"])
+    assert len(info.blocks) == len(info.keyframes) + 1 and info.track == 1
+    assert not probe_video(videos["long_mp4"]).blocks
+    by_blocks, base = read_segment(videos["long_webm"], info, first, last)
+    by_table, table_base = read_segment(videos["long_webm"], dataclasses.replace(info, blocks=()), first, last)
+    assert base == table_base and by_blocks.tobytes() == by_table.tobytes()
 
 
 def pyav_frames(data) -> list[np.ndarray]:
