@@ -11,10 +11,10 @@ in a fresh process each (the index's pages warm in the page cache, as for every 
 - `warm_start`: seconds to open the index as a rank that did not probe (runtime's path), build a train VideoLoader
   of shard 1 of 8 (its spec: index path and per-run numbers) and compute its first batch's source columns
   (BatchSource: frame numbers, GOP cuts read from the files, crop boxes), after the imports;
-- `memory`: that process's /proc/self/smaps_rollup before the index was opened and after the first batch:
-  `anonymous_mb` (memory of its own: arrays derived from the index, the epoch's order) and `private_file_mb` /
-  `shared_file_mb` (index pages mapped: page cache, shared by every process that maps the file, counted private
-  while only this process maps them);
+- `memory`: after the first batch, `anonymous_mb`: the growth of the process's anonymous memory since before the
+  index was opened (/proc/self/smaps_rollup; memory of its own: arrays derived from the index, the epoch's order,
+  the batch's bytes), `index_mapped_mb`: the index file's pages mapped into it (/proc/self/smaps; page cache,
+  shared by every process of the machine that maps the file), and `rss_mb`: the growth of its resident set;
 - `source_payload`: bytes of the pickled BatchSource DALI sends each source worker;
 - `index_file`: the index's size in bytes, and the seconds its synthetic write took.
 `cold_probe` (once): ms per video to probe the real clips and write their index (this code, index.prepare_index on
@@ -176,6 +176,18 @@ def rollup() -> dict[str, float]:
     return fields
 
 
+def mapping_rss(path: Path) -> dict[str, float]:
+    """Rss and Private_Clean (MB) of this process's mappings of `path` (/proc/self/smaps)."""
+    totals, inside = {"Rss": 0.0, "Private_Clean": 0.0, "Shared_Clean": 0.0}, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields and fields[0].rstrip(":") in totals:
+            totals[fields[0].rstrip(":")] += int(fields[1]) / 1024
+    return totals
+
+
 def measure(list_file: str, root: str) -> None:
     """The child process: one rank's warm start-up, memory and payload (module docstring)."""
     import torch  # noqa: F401  (imported before the clock, as train.py has it)
@@ -199,10 +211,9 @@ def measure(list_file: str, root: str) -> None:
     record("warm_start", videos=videos, seconds=round(done - start, 3), open_s=round(opened - start, 3),
            loader_s=round(built - opened, 3), first_batch_s=round(done - built, 3), batch=BATCH,
            encoded_bytes=int(sum(c.nbytes for c in columns[0])), shard=f"{SHARD}/{WORLD_SIZE}")
+    mapped = mapping_rss(Path(index.path).resolve())
     record("memory", videos=videos, anonymous_mb=round(after["Anonymous"] - before["Anonymous"], 1),
-           private_file_mb=round((after["Private_Clean"] + after["Private_Dirty"] - before["Private_Clean"]
-                                  - before["Private_Dirty"]) - (after["Anonymous"] - before["Anonymous"]), 1),
-           shared_file_mb=round(after["Shared_Clean"] - before["Shared_Clean"], 1),
+           index_mapped_mb=round(mapped["Rss"], 1), index_file_mb=round(Path(index.path).stat().st_size / 2**20, 1),
            rss_mb=round(after["Rss"] - before["Rss"], 1))
     payload = pickle.dumps(BatchSource(loader.spec, 0, 0, videos=loader.videos))
     record("source_payload", videos=videos, bytes=len(payload))

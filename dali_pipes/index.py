@@ -46,6 +46,7 @@ training; the prober merges the journals at the next start-up.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -61,7 +62,7 @@ from typing import Callable
 import numpy as np
 
 from dali_pipes.lists import read_video_list
-from dali_pipes.probe import VideoInfo, file_stat, pack_packets, probe_videos  # noqa: F401 (pack_packets: docs)
+from dali_pipes.probe import VideoInfo, file_stat, probe_videos
 
 LOG = logging.getLogger(__name__)
 MAGIC = b"R2P1DIDX"
@@ -202,8 +203,7 @@ class VideoIndex:
 
 
 def _b64(data: np.ndarray) -> str:
-    import base64  # VideoInfo keeps the text form segments.py and the probe tests read
-
+    """VideoInfo keeps packet tables and extradata as base64 text (the form segments.py reads); the index, raw."""
     return base64.b64encode(data.tobytes()).decode() if len(data) else ""
 
 
@@ -320,8 +320,6 @@ def _blob(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _unb64(text: str) -> bytes:
-    import base64
-
     return base64.b64decode(text) if text else b""
 
 
