@@ -676,7 +676,49 @@ class ListVideos:
     def mismatch_count(self) -> int:
         return int(self._mismatched.sum())
 
+    def decoder_fields(self) -> "DecoderFields":
+        """Per usable video, what nvdec.plan_decoding reads (codec, profile, pix_fmt, width, height, hidden_frames):
+        one shared record per distinct combination, no VideoInfo built per video."""
+        return DecoderFields(self)
+
     def not_among(self, codecs: tuple[str, ...]) -> np.ndarray:
         """Indices of the usable videos whose codec is not one of `codecs` (on the uint8 ids, no VideoInfo built)."""
         allowed = [k for k, name in enumerate(self.index.strings["codec"]) if name in codecs]
         return np.nonzero(~np.isin(self.index.codec[self.rows], allowed))[0]
+
+
+@dataclass(frozen=True)
+class DecoderSummary:
+    """The fields of a VideoInfo that decide where it is decoded (nvdec.py)."""
+    codec: str
+    profile: str
+    pix_fmt: str
+    width: int
+    height: int
+    hidden_frames: int
+
+
+class DecoderFields:
+    """A sequence of DecoderSummary, one per usable video, sharing one object per distinct combination."""
+
+    def __init__(self, videos: ListVideos):
+        index, rows = videos.index, videos.rows
+        columns = np.stack([index.codec[rows], index.profile[rows], index.pix_fmt[rows], index.width[rows],
+                            index.height[rows], index.hidden_frames[rows]], axis=1).astype(np.int64)
+        keys, self._which = np.unique(columns, axis=0, return_inverse=True)
+        self._which = self._which.reshape(-1)
+        strings = index.strings
+        self._summaries = [DecoderSummary(strings["codec"][c], strings["profile"][p], strings["pix_fmt"][f], w, h,
+                                          hidden) for c, p, f, w, h, hidden in keys.tolist()]
+
+    def __len__(self) -> int:
+        return len(self._which)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return self._summaries[self._which[i]]
+
+    def __iter__(self):
+        summaries = self._summaries
+        return (summaries[k] for k in self._which.tolist())

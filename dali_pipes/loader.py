@@ -250,7 +250,7 @@ class VideoLoader:
         else:  # NVDEC: decide now which videos it refuses, not mid-epoch
             capability = torch.cuda.get_device_capability(device_id)
             try:
-                routed, note = plan_decoding(PathSequence(self.videos), InfoSequence(self.videos),
+                routed, note = plan_decoding(PathSequence(self.videos), self.videos.decoder_fields(),
                                              data_cfg.decode_device, capability, CPU_CODECS)
             except RoutingError as e:
                 raise LoaderError(f"{list_file}: {e}") from e

@@ -273,3 +273,27 @@ def test_runtime_opens_the_index_once_and_the_loader_takes_it(clips, monkeypatch
     opened.clear()
     loader = build_video_loader(cfg, "train", DistContext(), 2)
     assert len(opened) == 1 and loader.index is opened[0]  # warm: opened once, no second pass
+
+
+def test_nvdec_routing_reads_the_same_fields_from_the_index_as_from_the_probe(videos, tmp_path):
+    """plan_decoding (pure: no GPU needed) gets one shared record per distinct combination from the index; its
+    decisions and message equal those it makes from the probe's VideoInfos (here: the 64x48 VP9 clips are below
+    NVDEC's 128x128 minimum on any GPU; H.264 is taken)."""
+    from dali_pipes.index import ListVideos
+    from dali_pipes.loader import PathSequence
+    from dali_pipes.nvdec import plan_decoding
+
+    names = ["long_webm", "h264", "short", "portrait", "long_mp4"]
+    list_file = write_list(tmp_path, [(videos[n], 0) for n in names] * 3)
+    listed = ListVideos(prepare_index(str(list_file), "", 1, index_file(list_file)))
+    fields = listed.decoder_fields()
+    probed = [probe_video(videos[n]) for n in names] * 3
+    assert len(fields) == 15 and len({id(f) for f in fields}) < 15
+    for field, info in zip(fields, probed):
+        assert (field.codec, field.profile, field.pix_fmt, field.width, field.height, field.hidden_frames) == (
+            info.codec, info.profile, info.pix_fmt, info.width, info.height, info.hidden_frames)
+    paths = [str(videos[n]) for n in names] * 3
+    for capability in [(9, 0), (6, 1)]:
+        routed = plan_decoding(PathSequence(listed), fields, "auto", capability, ("vp9",))
+        assert routed == plan_decoding(paths, probed, "auto", capability, ("vp9",)), capability
+        assert routed[0] == [n != "h264" for n in names] * 3
