@@ -458,6 +458,9 @@ def _take_journals(index_path: Path) -> tuple[dict[str, tuple[tuple[int, int], s
 
 def open_index(index_path: str | Path, list_file: str, root: str, num_classes: int) -> VideoIndex:
     """The index the prober wrote for `list_file`, for the processes that did not probe (after the barrier)."""
+    if not Path(index_path).exists():
+        raise VideoIndexError(f"{index_path}: no video index of {list_file} here after rank 0 probed it: "
+                              f"data.index_dir must be a folder every machine of the job sees")
     index = VideoIndex.open(index_path)
     if not index.matches(ListMeta.of(list_file, root)):
         raise VideoIndexError(

@@ -315,7 +315,7 @@ class VideoLoader:
 
     def _decode_failure(self, epoch: int, batch_index: int, num_pipelines: int,
                         error: RuntimeError) -> LoaderError:
-        """Finds which video of the batches in flight broke DALI, marks it unreadable in the probe cache so a rerun
+        """Finds which video of the batches in flight broke DALI, marks it unreadable in the index's journal so a rerun
         or `--resume` leaves it out, and says so in one line.
 
         DALI's message does not say which sample failed, so each video in flight is decoded again, alone, as the

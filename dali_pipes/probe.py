@@ -1,4 +1,4 @@
-"""Frame counts and seek points of every video, read from the container without decoding, cached beside the list.
+"""Frame counts and seek points of every video, read from the container without decoding (kept by index.py).
 
 For each video we demux the packets of its first video stream (PyAV; no pixel is decoded) and keep:
 - `num_frames`: the number of non-empty video packets that show a frame. WebM carries no frame count at all, and

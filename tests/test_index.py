@@ -297,3 +297,38 @@ def test_nvdec_routing_reads_the_same_fields_from_the_index_as_from_the_probe(vi
         routed = plan_decoding(PathSequence(listed), fields, "auto", capability, ("vp9",))
         assert routed == plan_decoding(paths, probed, "auto", capability, ("vp9",)), capability
         assert routed[0] == [n != "h264" for n in names] * 3
+
+
+def test_a_rank_that_finds_no_index_says_the_folder_must_be_shared(clips, tmp_path):
+    """What a machine that does not see rank 0's data.index_dir (a node-local folder) gets after the barrier."""
+    from dali_pipes.loader import open_list_index
+
+    folder, a, b, _ = clips
+    list_file = write_list(folder, [(a, 0), (b, 1)])
+    with pytest.raises(LoaderError, match=r"^.*\.index: no video index of .*list\.txt here after rank 0 probed it: "
+                                          r"data\.index_dir must be a folder every machine of the job sees$"):
+        open_list_index(str(list_file), "", 2, str(tmp_path / "node_local"), probe=False)
+
+
+def test_prepare_kinetics_writes_each_lists_index_and_a_rerun_probes_nothing(tmp_path, monkeypatch):
+    import tools.prepare_kinetics as prepare_kinetics
+
+    for c, name in enumerate(("abseiling", "zumba")):
+        write_video(tmp_path / "train" / name / "clip.webm", index_frames(12 + c, 48, 64), codec="vp9")
+    (tmp_path / "train" / "zumba" / "broken.webm").write_text("not a video\n" * 20)
+    args = ["--train-dir", str(tmp_path / "train"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    prepare_kinetics.main(args)
+    list_file = tmp_path / "out" / "kinetics400_train_list_videos.txt"
+    index = VideoIndex.open(index_file(list_file))
+    assert index.matches(index_module.ListMeta.of(list_file, str(tmp_path / "train")))
+    assert index.num_frames.tolist() == [12, 13] and (index.reason < 0).all()  # the list holds the usable clips
+    probed, probe_videos = [], index_module.probe_videos
+
+    def counting(paths, *rest, **kwargs):
+        probed.extend(paths)
+        return probe_videos(paths, *rest, **kwargs)
+
+    monkeypatch.setattr(prepare_kinetics, "probe_videos", counting)
+    monkeypatch.setattr(index_module, "probe_videos", counting)
+    prepare_kinetics.main(args)
+    assert probed == [str(tmp_path / "train" / "zumba" / "broken.webm")]  # only the one the index does not hold

@@ -84,7 +84,7 @@ def hold_reader(fifo: Path, hold_s: float, deadline_s: float = 120) -> None:
             if e.errno != errno.ENXIO or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
-    # Rank 0 is inside its probe (reading the old probe cache to convert it) and rank 1 waits for it. Holding rank 0 there for
+    # Rank 0 is inside its probe (reading the old probe cache to convert it) and rank 1 waits for it. Holding it there for
     # a multiple of the group's timeout is the scenario itself: a probe that outlasts the collective timeout.
     time.sleep(hold_s)
     try:
