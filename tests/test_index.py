@@ -24,6 +24,7 @@ from config import DataConfig, load_config
 from dali_pipes.index import (VideoIndex, append_mark, index_file, journal_file, prepare_index, write_arrays)
 from dali_pipes.loader import BatchSource, LoaderError, VideoLoader
 from dali_pipes.probe import probe_video
+from journal_marker import mark_many
 from runtime import DistContext, build_video_loader
 from tools.make_synthetic import index_frames, write_video
 
@@ -113,23 +114,18 @@ def test_a_video_changed_since_the_probe_is_caught_at_the_cut_marked_and_probed_
     assert sum(len(batch.labels) for batch in again) == 2
 
 
-def _mark_many(index_path: str, start, videos: list[str], repeats: int) -> None:
-    start.wait()
-    for k in range(repeats):
-        for video in videos:
-            append_mark(index_path, video, (k, k), f"reason {k} " + "x" * 300)
-
-
-def test_two_processes_marking_at_the_same_moment_keep_both_marks(clips):
+@pytest.mark.slow
+def test_two_processes_marking_at_the_same_moment_keep_both_marks(clips, monkeypatch):
     """Both append to one journal at once (a barrier starts them together), 200 marks each; every line arrives
     whole, and the next start-up merges both videos' marks into the index."""
     folder, a, b, _ = clips
     list_file = write_list(folder, [(a, 0), (b, 1)])
     index_path = index_file(list_file)
     index = prepare_index(str(list_file), "", 2, index_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2)
-    processes = [context.Process(target=_mark_many, args=(str(index_path), start, [str(v)], 200)) for v in (a, b)]
+    processes = [context.Process(target=mark_many, args=(str(index_path), start, [str(v)], 200)) for v in (a, b)]
     for p in processes:
         p.start()
     for p in processes:
@@ -332,3 +328,14 @@ def test_prepare_kinetics_writes_each_lists_index_and_a_rerun_probes_nothing(tmp
     monkeypatch.setattr(index_module, "probe_videos", counting)
     prepare_kinetics.main(args)
     assert probed == [str(tmp_path / "train" / "zumba" / "broken.webm")]  # only the one the index does not hold
+
+
+def test_the_routing_column_travels_as_bits():
+    """SourceSpec.decode_on_cpu: one bit per video (87.5 kB at 700k videos), unpacked to the same booleans."""
+    from dali_pipes.loader import SourceSpec, decode_on_cpu
+
+    routed = np.random.default_rng(0).random(13) < 0.5
+    spec = SourceSpec("val", "unused.index", "", 13, 8, 8, 1, 1, 48, 40, 0, 2, 0, 1,
+                      decode_on_cpu=np.packbits(routed).tobytes())
+    assert decode_on_cpu(spec).tolist() == routed.tolist() and len(spec.decode_on_cpu) == 2
+    assert decode_on_cpu(SourceSpec("val", "unused.index", "", 13, 8, 8, 1, 1, 48, 40, 0, 2, 0, 1)) is None
