@@ -116,7 +116,7 @@ def test_a_video_changed_since_the_probe_is_caught_at_the_cut_marked_and_probed_
 
 @pytest.mark.slow
 def test_two_processes_marking_at_the_same_moment_keep_both_marks(clips, monkeypatch):
-    """Both append to one journal at once (a barrier starts them together), 200 marks each; every line arrives
+    """Both append to one journal at once (a barrier starts them together), 3000 marks each; every line arrives
     whole, and the next start-up merges both videos' marks into the index."""
     folder, a, b, _ = clips
     list_file = write_list(folder, [(a, 0), (b, 1)])
@@ -125,14 +125,14 @@ def test_two_processes_marking_at_the_same_moment_keep_both_marks(clips, monkeyp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2)
-    processes = [context.Process(target=mark_many, args=(str(index_path), start, [str(v)], 200)) for v in (a, b)]
+    processes = [context.Process(target=mark_many, args=(str(index_path), start, [str(v)], 3000)) for v in (a, b)]
     for p in processes:
         p.start()
     for p in processes:
         p.join(120)
     assert [p.exitcode for p in processes] == [0, 0]
     records = [json.loads(line) for line in journal_file(index_path).read_text().splitlines()]
-    assert len(records) == 400 and {r["path"] for r in records} == {str(a), str(b)}
+    assert len(records) == 6000 and {r["path"] for r in records} == {str(a), str(b)}
     # Now marks as a failing run writes them (the stat the index holds), one per video, and a start-up merges them.
     journal_file(index_path).unlink()
     for row, video in enumerate((a, b)):
