@@ -339,3 +339,22 @@ def test_the_routing_column_travels_as_bits():
                       decode_on_cpu=np.packbits(routed).tobytes())
     assert decode_on_cpu(spec).tolist() == routed.tolist() and len(spec.decode_on_cpu) == 2
     assert decode_on_cpu(SourceSpec("val", "unused.index", "", 13, 8, 8, 1, 1, 48, 40, 0, 2, 0, 1)) is None
+
+
+@pytest.mark.slow
+def test_index_scale_benchmark_smoke(tmp_path):
+    """benchmarks/index_scale.py at smoke size (1 clip, 1400 videos; ~13 s on the 2-core dev machine): every
+    measurement comes out as a JSON line, and the synthetic files are removed afterwards."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "index_scale.py"), "--clips", "1", "--sizes",
+                           "1400", "--data-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = {r["variant"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert set(records) == {"cold_probe", "cut", "index_file", "warm_start", "memory", "source_payload"}
+    assert records["warm_start"]["videos"] == records["index_file"]["videos"] == 1400
+    assert 0 < records["source_payload"]["bytes"] < 1024 and records["memory"]["index_mapped_mb"] > 0
+    assert not list(tmp_path.glob("kinetics_*")) and not list(tmp_path.glob("list_*"))
