@@ -184,3 +184,34 @@ def test_nvdec_decodes_fast_cuts_to_the_frames_of_the_whole_file(tmp_path, codec
         encoded, base = read_segment(path, info, first, last)
         assert encoded[:4].tobytes() == b"\x1a\x45\xdf\xa3"
         assert np.array_equal(decode(encoded, wanted - base), decode(np.fromfile(path, np.uint8), wanted))
+
+
+def test_a_block_cut_leaves_out_the_audio_blocks_between_video_frames(tmp_path, decoder):
+    """A WebM with an Opus track interleaved, as YouTube's Kinetics downloads have: the blocks of both tracks lie
+    in a cut's byte range, and only the video's are taken; the cut equals the packet table's and decodes to the
+    right frames."""
+    path = tmp_path / "with_audio.webm"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libvpx-vp9", rate=30, options={"deadline": "realtime", "cpu-used": "8",
+                                                                    "g": "16"})
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("libopus", rate=48000)
+        audio_pts = 0
+        for pts, rgb in enumerate(index_frames(48, 48, 64)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = pts
+            container.mux(video.encode(frame))
+            while audio_pts < (pts + 1) * 1600:  # 48 kHz audio, 30 fps video
+                samples = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="flt", layout="mono")
+                samples.sample_rate, samples.pts = 48000, audio_pts
+                container.mux(audio.encode(samples))
+                audio_pts += 960
+        container.mux(video.encode(None))
+        container.mux(audio.encode(None))
+    info = probe_video(path)
+    assert info.blocks and info.keyframes == (0, 16, 32)
+    for first, last in [(0, 7), (20, 30), (40, 47)]:
+        cut, base = read_segment(path, info, first, last)
+        table_cut, _ = read_segment(path, dataclasses.replace(info, blocks=()), first, last)
+        assert cut.tobytes() == table_cut.tobytes(), (first, last)
+        assert [read_index(f) for f in decoder(cut, np.arange(first, last + 1) - base)] == list(range(first, last + 1))
