@@ -50,6 +50,7 @@ class DataConfig:
     prefetch_batches: int = 2  # batches DALI prepares ahead of the training step
     source_workers: int = 0  # processes cutting video segments for DALI; 0: in the training process
     decode_pipelines: int = 0  # DALI pipelines per process, batch k from pipeline k mod P; 0: 1 on CPU, 4 on GPU
+    index_dir: str = ""  # folder of the lists' video indexes (probe results); '': beside each list file
 
 
 @dataclass

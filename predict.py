@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             enabled=autocast_dtype is not None):
                     probs = average_views(model(clips.to(device)), num_clips * num_crops)[0].cpu()
             except (ProbeError, LoaderError, RuntimeError) as e:
-                if isinstance(e, UnreadableVideo):  # predict's probe cache is temporary: no "rerun skips it" hint
+                if isinstance(e, UnreadableVideo):  # predict's video index is temporary: no "rerun skips it" hint
                     message = f"{path}: {e.reason}"
                 else:
                     message = str(e) if str(e).startswith(path) else f"{path}: {e}"

@@ -29,9 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from config import Config, ConfigError
-from dali_pipes.lists import ListError, read_video_list
-from dali_pipes.loader import LoaderError, VideoLoader, mode_list, probe_cache_file
-from dali_pipes.probe import probe_videos
+from dali_pipes.index import VideoIndex
+from dali_pipes.lists import ListError
+from dali_pipes.loader import LoaderError, VideoLoader, mode_list, open_list_index
 from model import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 WORK_DIRS = Path("work_dirs")
 SAVED_CONFIG_NAME = "config.yaml"  # the resolved config train.py writes into its work dir
 DIST_TIMEOUT_ENV = "R2P1D_DIST_TIMEOUT_S"  # collective timeout of the process group, s (unset: torch's default)
-# How long the other processes wait for the first process of each machine to probe a list. A cold probe of
+# How long the other processes wait for rank 0 to probe a list. A cold probe of
 # Kinetics-400's ~240k training videos demuxes every packet of every file and can outlast NCCL's 10-minute
 # collective timeout; a dead prober ends the wait at once (torchrun stops the job, gloo sees the
 # closed connection), so this bound only matters for a prober stuck on a hung file system.
@@ -401,11 +401,11 @@ class ProbeProgress:
 
 
 def probe_with_progress(list_file: str, root: str, num_classes: int, num_workers: int,
-                        interval_s: float = PROBE_LOG_INTERVAL_S) -> None:
-    """Probes the videos of a list into its cache (`<list>.probe.json`), logging the progress of a long probe."""
-    records = read_video_list(list_file, root, num_classes)
-    probe_videos([r.path for r in records], cache_file=probe_cache_file(list_file), num_workers=num_workers,
-                 progress=ProbeProgress(Path(list_file).name, interval_s))
+                        interval_s: float = PROBE_LOG_INTERVAL_S, index_dir: str = "") -> VideoIndex:
+    """Brings the list's video index up to date (probing what changed; dali_pipes/index.py) and returns it opened,
+    logging the progress of a long probe."""
+    return open_list_index(list_file, root, num_classes, index_dir, num_workers, probe=True,
+                           progress=ProbeProgress(Path(list_file).name, interval_s))
 
 
 def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int,
@@ -413,29 +413,34 @@ def build_video_loader(cfg: Config, mode: str, ctx: DistContext, batch_size: int
                        channels_last: bool = False) -> VideoLoader:
     """The DALI VideoLoader of this process's shard for mode train, val or test.
 
-    The first process of each machine probes the list's videos first (rank 0 logging its progress), so the
-    others read its cache instead of probing every video once per process.
+    Global rank 0 is the one prober of the run: it brings the list's index up to date (logging its progress) while
+    the others wait, then every process opens that index once and hands it to its loader. One prober for the whole
+    job, not one per machine: the index lives on a file system every machine sees (data.index_dir, or beside the
+    list), and a single writer needs no file lock (locks are unreliable on some network file systems).
     """
+    list_file, root = mode_list(cfg.data, mode)
+    if not list_file:
+        raise LoaderError(f"data.{mode}_list: no list file given for {mode}")
     probe_group = None
     if ctx.distributed:
         # The others wait for the probe in a gloo group of their own whose timeout covers it (PROBE_WAIT_TIMEOUT)
         # rather than in the default group, whose timeout (NCCL: 10 min) should stay short to catch a hung step.
-        # A barrier in a group, unlike a wait on a file, also holds the other machines until every first
-        # process of a machine is done.
         probe_group = dist.new_group(backend="gloo", timeout=PROBE_WAIT_TIMEOUT)
+    index = None
     try:
-        if ctx.local_rank == 0:
-            list_file, root = mode_list(cfg.data, mode)
-            if list_file:  # VideoLoader reports a missing list
-                probe_with_progress(list_file, root, cfg.model.num_classes, max(cfg.data.num_threads, 4))
+        if ctx.rank == 0:
+            index = probe_with_progress(list_file, root, cfg.model.num_classes, max(cfg.data.num_threads, 4),
+                                        index_dir=cfg.data.index_dir)
         if probe_group is not None:
             dist.barrier(group=probe_group)
     finally:
         if probe_group is not None:
             dist.destroy_process_group(probe_group)
+    if index is None:
+        index = open_list_index(list_file, root, cfg.model.num_classes, cfg.data.index_dir, probe=False)
     return VideoLoader(cfg.data, mode, batch_size, cfg.model.num_classes, shard_id=ctx.rank,
                        num_shards=ctx.world_size, device_id=ctx.cuda_index, seed=cfg.train.seed, views=views,
-                       dtype=dtype or torch.float32, channels_last=channels_last)
+                       dtype=dtype or torch.float32, channels_last=channels_last, index=index)
 
 
 def log_skipped_videos(skipped: list[tuple[str, str]], list_name: str, shown: int = 10) -> None:

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_argument(parser, "where batches go and our loader runs; auto: cuda when available")
     parser.add_argument("--clip-sets", nargs="+", default=None, metavar="DIR",
                         help="existing K400-like sets (folders with train_list.txt) instead of generated ones; a "
-                             "repeated list and probe caches are written into them")
+                             "repeated list and its video indexes are written into them")
     parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench",
                         help="where generated clip sets are cached, one folder per codec and GOP")
     parser.add_argument("--codec", choices=("vp9", "h264"), default=None,

@@ -27,17 +27,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from config import DataConfig
 from dali_pipes import geometry, sampling
-from dali_pipes.lists import ListError, VideoRecord, read_video_list
+from dali_pipes.index import (ListVideos, VideoIndex, VideoIndexError, append_mark, index_file, journal_file,
+                              open_index, prepare_index)
+from dali_pipes.lists import ListError, VideoRecord
 from dali_pipes.nvdec import RoutingError, plan_decoding
 from dali_pipes.pipelines import DALI_DTYPES, decode_check_pipeline, eval_pipeline, train_pipeline
-from dali_pipes.probe import CPU_CODECS, VideoInfo, decode_error, mark_unreadable, probe_videos
+from dali_pipes.probe import CPU_CODECS, VideoInfo, decode_error, file_stat
 from dali_pipes.segments import read_segment
 
 LOG = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ class LoaderError(ValueError):
 
 
 class UnreadableVideo(LoaderError):
-    """A video DALI failed on during a pass, now marked unreadable in the probe cache; `reason` says why."""
+    """A video DALI failed on (or that changed since its probe) during a pass, now marked unreadable in the index's
+    journal; `reason` says why."""
 
     def __init__(self, message: str, path: str, reason: str):
         super().__init__(message)
@@ -68,12 +71,12 @@ class Batch(NamedTuple):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Everything BatchSource needs, in plain picklable values."""
+    """Everything BatchSource needs, in a few plain values: the per-video data stay in the index file, which a
+    source worker maps itself (pickled, this is well under a kilobyte whatever the list's length)."""
     mode: str
-    paths: tuple[str, ...]
-    labels: tuple[int, ...]
-    num_frames: tuple[int, ...]
-    infos: tuple[VideoInfo, ...]
+    index_path: str  # the list's video index (index.py); its usable lines are the loader's videos
+    index_nonce: str  # which write of it: a worker refuses an index replaced since the loader opened it
+    num_videos: int
     clip_len: int
     frame_interval: int
     num_clips: int
@@ -84,7 +87,7 @@ class SourceSpec:
     batch_size: int
     shard_id: int
     num_shards: int
-    decode_on_cpu: tuple[bool, ...] | None = None  # per video, when NVDEC refuses some (nvdec.plan_decoding)
+    decode_on_cpu: bytes | None = None  # np.packbits of a bool per video, when NVDEC refuses some (plan_decoding)
 
 
 class BatchSource:
@@ -97,13 +100,28 @@ class BatchSource:
     """
 
     def __init__(self, spec: SourceSpec, first_epoch: int, start_batch: int, pipeline: int = 0,
-                 num_pipelines: int = 1):
+                 num_pipelines: int = 1, videos: ListVideos | None = None):
         self.spec = spec
         self.first_epoch = first_epoch
         self.start_batch = start_batch
         self.pipeline = pipeline
         self.num_pipelines = num_pipelines
+        self._videos = videos  # the loader's, in its own process; a source worker opens the index itself
+        self._on_cpu = None
         self._shard_epoch, self._shard = None, None  # the epoch's order, drawn once, not once per batch
+
+    def __getstate__(self) -> dict:
+        """Pickled for DALI's source workers: the spec and counters only, no mapped index nor drawn order."""
+        return {**self.__dict__, "_videos": None, "_on_cpu": None, "_shard_epoch": None, "_shard": None}
+
+    @property
+    def videos(self) -> ListVideos:
+        if self._videos is None:
+            try:
+                self._videos = ListVideos.open(self.spec.index_path, self.spec.index_nonce)
+            except VideoIndexError as e:
+                raise LoaderError(str(e)) from e
+        return self._videos
 
     def __call__(self, batch_info) -> list:
         epoch = self.first_epoch + batch_info.epoch_idx
@@ -123,17 +141,17 @@ class BatchSource:
         (seed, epoch, index))."""
         s = self.spec
         rng = sampling.sample_rng(s.seed, epoch, index, 0) if s.mode == "train" else None
-        return sampling.sample_frames(s.num_frames[index], s.clip_len, s.frame_interval, s.num_clips,
+        return sampling.sample_frames(int(self.videos.num_frames[index]), s.clip_len, s.frame_interval, s.num_clips,
                                       test_mode=s.mode != "train", rng=rng)
 
     def sample(self, index: int, epoch: int) -> tuple:
         """The external source's columns for video `index`: encoded bytes, the distinct frames to decode (indices
         into the bytes, ascending), `order` (where each output frame comes from among them), then geometry."""
-        s = self.spec
-        info = s.infos[index]
+        s, videos = self.spec, self.videos
+        info = videos.info(index)
         frames = self.frame_indices(index, epoch)
         unique, inverse = np.unique(frames.reshape(-1), return_inverse=True)  # frames == unique[inverse]
-        encoded, base = read_segment(s.paths[index], info, int(unique[0]), int(unique[-1]))
+        encoded, base = read_segment(videos.path(index), info, int(unique[0]), int(unique[-1]), videos.stat(index))
         decode = (unique - base).astype(np.int32)
         # The crops of a view are cut side by side from the same distinct frames: crop c's copy of them is rows
         # c*U..(c+1)*U-1 of the joined crops, so output frame (c, k) comes from row c*U + inverse[k].
@@ -142,7 +160,7 @@ class BatchSource:
         # 0-d arrays, not numpy scalars: DALI's parallel external source accepts only arrays.
         resize = (np.array(height, np.float32), np.array(width, np.float32),
                   np.array((height, width) != (info.height, info.width)))  # target size, and whether it differs
-        label, video_idx = np.array(s.labels[index], np.int64), np.array(index, np.int64)
+        label, video_idx = np.array(videos.labels[index], np.int64), np.array(index, np.int64)
         if s.mode == "train":
             rng = sampling.sample_rng(s.seed, epoch, index, 1)
             y, x, h, w = geometry.random_resized_crop_box(height, width, rng)
@@ -161,12 +179,21 @@ class BatchSource:
         """The pipeline's last column when videos are routed: whether this one is decoded on the CPU."""
         if self.spec.decode_on_cpu is None:
             return ()
-        return (np.array(self.spec.decode_on_cpu[index], np.bool_),)
+        if self._on_cpu is None:
+            self._on_cpu = decode_on_cpu(self.spec)
+        return (np.array(self._on_cpu[index], np.bool_),)
+
+
+def decode_on_cpu(spec: SourceSpec) -> np.ndarray | None:
+    """Per video, whether DALI's CPU decoder takes it (routed: NVDEC refuses it); None when nothing is routed."""
+    if spec.decode_on_cpu is None:
+        return None
+    return np.unpackbits(np.frombuffer(spec.decode_on_cpu, np.uint8), count=spec.num_videos).astype(bool)
 
 
 def shard_size(spec: SourceSpec) -> int:
     """How many entries shard_indices gives this shard in any epoch."""
-    count = len(spec.paths)
+    count = spec.num_videos
     if spec.mode == "train":
         return math.ceil(count / spec.num_shards)
     return len(range(spec.shard_id, count, spec.num_shards))
@@ -174,7 +201,7 @@ def shard_size(spec: SourceSpec) -> int:
 
 def shard_indices(spec: SourceSpec, epoch: int) -> np.ndarray:
     """Record indices this shard reads in `epoch`, in order."""
-    count = len(spec.paths)
+    count = spec.num_videos
     if spec.mode != "train":
         return np.arange(spec.shard_id, count, spec.num_shards)
     order = np.random.default_rng([spec.seed, epoch]).permutation(count)
@@ -188,7 +215,9 @@ class VideoLoader:
 
     def __init__(self, data_cfg: DataConfig, mode: str, batch_size: int, num_classes: int, shard_id: int = 0,
                  num_shards: int = 1, device_id: int | None = None, seed: int = 0, views: tuple[int, int] = (1, 1),
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, index: VideoIndex | None = None):
+        """`index`: the list's opened index (runtime.build_video_loader hands over what it opened); when None, this
+        process brings it up to date itself (index.prepare_index) and opens it."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0 <= shard_id < num_shards:
@@ -213,29 +242,31 @@ class VideoLoader:
         list_file, root = mode_list(data_cfg, mode)
         if not list_file:
             raise LoaderError(f"data.{mode}_list: no list file given for {mode}")
-        self.cache_file = probe_cache_file(list_file)
-        self.records, self.skipped, infos = probe_list(list_file, root, num_classes,
-                                                       max(data_cfg.num_threads, 4))
-        decode_on_cpu = None
+        if index is None:  # a process of its own (tests, tools): it is its own prober
+            index = open_list_index(list_file, root, num_classes, data_cfg.index_dir,
+                                    max(data_cfg.num_threads, 4), probe=True)
+        self.index = index
+        self.videos, self.skipped = usable_videos(index, list_file, root)
+        self.records = ListRecords(self.videos)
+        on_cpu = None
         if self.decode_device == "cpu":
-            _check_cpu_codecs(self.records, infos)
+            _check_cpu_codecs(self.videos)
         else:  # NVDEC: decide now which videos it refuses, not mid-epoch
             capability = torch.cuda.get_device_capability(device_id)
             try:
-                on_cpu, note = plan_decoding([r.path for r in self.records], infos, data_cfg.decode_device,
-                                             capability, CPU_CODECS)
+                routed, note = plan_decoding(PathSequence(self.videos), self.videos.decoder_fields(),
+                                             data_cfg.decode_device, capability, CPU_CODECS)
             except RoutingError as e:
                 raise LoaderError(f"{list_file}: {e}") from e
             if note is not None:
                 LOG.info("%s: %s", list_file, note)
-                decode_on_cpu = tuple(on_cpu)
+                on_cpu = np.packbits(np.asarray(routed, bool)).tobytes()
         crop_size = {"train": data_cfg.train_crop, "val": data_cfg.val_crop, "test": data_cfg.test_crop}[mode]
         self.spec = SourceSpec(
-            mode=mode, paths=tuple(r.path for r in self.records), labels=tuple(r.label for r in self.records),
-            num_frames=tuple(r.num_frames for r in self.records), infos=tuple(infos),
+            mode=mode, index_path=str(index.path), index_nonce=index.nonce, num_videos=len(self.videos),
             clip_len=data_cfg.clip_len, frame_interval=data_cfg.frame_interval, num_clips=num_clips,
             num_crops=num_crops, short_side=data_cfg.short_side, crop_size=crop_size, seed=seed,
-            batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, decode_on_cpu=decode_on_cpu)
+            batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, decode_on_cpu=on_cpu)
         self._epoch, self._start_batch = 0, 0
         self._iterators: list | None = None  # one DALIGenericIterator per pipeline; batch k comes from k mod P
         self._next_dali_epoch = None  # the training epoch the iterator's next DALI epoch stands for
@@ -288,7 +319,7 @@ class VideoLoader:
 
     def _decode_failure(self, epoch: int, batch_index: int, num_pipelines: int,
                         error: RuntimeError) -> LoaderError:
-        """Finds which video of the batches in flight broke DALI, marks it unreadable in the probe cache so a rerun
+        """Finds which video of the batches in flight broke DALI, marks it unreadable in the index's journal so a rerun
         or `--resume` leaves it out, and says so in one line.
 
         DALI's message does not say which sample failed, so each video in flight is decoded again, alone, as the
@@ -300,10 +331,16 @@ class VideoLoader:
         window = num_pipelines * (self.prefetch + 1) * self.batch_size  # every pipeline may run ahead
         in_flight = list(dict.fromkeys(int(i) for i in shard[begin:begin + window]))
         dali_error = _dali_reason(error)
-        source = BatchSource(self.spec, epoch, 0)
+        for index in in_flight:  # a file replaced since the probe: its index entry no longer describes it
+            probed, now = self.videos.stat(index), file_stat(self.videos.path(index))
+            if now != probed:
+                return self._mark(index, f"changed since it was probed (size {probed[0]} -> {now[0]} bytes, "
+                                         f"mtime {probed[1]} -> {now[1]} ns)")
+        source = BatchSource(self.spec, epoch, 0, videos=self.videos)
+        routed = decode_on_cpu(self.spec)
         pipes = {}  # one per decoder device, reused while it decodes: DALI invalidates a pipeline only when it fails
         for index in in_flight:
-            on_cpu = self.spec.decode_on_cpu is not None and self.spec.decode_on_cpu[index]  # routed (nvdec.py)
+            on_cpu = routed is not None and routed[index]  # routed (nvdec.py)
             device = "cpu" if on_cpu else self.decode_device
             if device not in pipes:
                 pipes[device] = decode_check_pipeline(decode_device=device, batch_size=1, num_threads=1,
@@ -318,19 +355,25 @@ class VideoLoader:
             except RuntimeError as e:
                 return self._mark(index, f"DALI cannot decode it ({_dali_reason(e)})")
         for index in in_flight:
-            reason = decode_error(self.spec.paths[index], self.spec.infos[index].num_frames)
+            reason = decode_error(self.videos.path(index), self.videos.info(index).num_frames)
             if reason is not None:
                 return self._mark(index, reason, dali_error)
-        paths = ", ".join(self.spec.paths[i] for i in in_flight[:_SHOWN_PATHS])
+        paths = ", ".join(self.videos.path(i) for i in in_flight[:_SHOWN_PATHS])
         return LoaderError(f"DALI failed on a batch holding one of {len(in_flight)} videos ({paths}, …): "
                            f"{dali_error}")
 
     def _mark(self, index: int, reason: str, dali_error: str | None = None) -> UnreadableVideo:
-        path = self.spec.paths[index]
-        mark_unreadable(self.cache_file, path, reason)
+        """Appends the video to the index's journal (the index itself is rewritten only by the next start's
+        prober) and says so in one line; a journal that cannot be written is said too, never passed over."""
+        path = self.videos.path(index)
         dali = f" (DALI: {dali_error})" if dali_error else ""
-        return UnreadableVideo(f"{path}: {reason}; marked unreadable in {self.cache_file}, so a rerun or --resume "
-                               f"leaves it out{dali}", path, reason + dali)
+        try:
+            journal = append_mark(self.index.path, path, self.videos.stat(index), reason + dali)
+            where = f"marked unreadable in {journal}, so a rerun or --resume leaves it out"
+        except OSError as e:
+            where = (f"NOT marked: cannot append to {journal_file(self.index.path)} ({e.strerror or e}); set "
+                     f"data.index_dir to a writable folder, or drop it from the list")
+        return UnreadableVideo(f"{path}: {reason}; {where}{dali}", path, reason + dali)
 
     def _build(self, first_epoch: int, start_batch: int, num_pipelines: int) -> None:
         """`num_pipelines` pipelines, each with its own source serving every num_pipelines-th batch."""
@@ -349,7 +392,8 @@ class VideoLoader:
             common.update(py_num_workers=self.source_workers, py_start_method="spawn")
         iterators = []
         for pipeline in range(num_pipelines):
-            source = BatchSource(self.spec, first_epoch, start_batch, pipeline, num_pipelines)
+            source = BatchSource(self.spec, first_epoch, start_batch, pipeline, num_pipelines,
+                                 None if self.source_workers > 0 else self.videos)
             if self.mode == "train":
                 pipe = train_pipeline(source=source, crop_size=self.spec.crop_size, **common)
             else:
@@ -397,55 +441,98 @@ def mode_list(data_cfg: DataConfig, mode: str) -> tuple[str, str]:
     return list_file, root
 
 
-def probe_cache_file(list_file: str) -> str:
-    return f"{list_file}.probe.json"
-
-
-def probe_list(list_file: str, root: str, num_classes: int,
-               num_workers: int = 8) -> tuple[list[VideoRecord], list[tuple[str, str]], list[VideoInfo]]:
-    """Records whose files probe fine (frame counts settled), the skipped (path, reason) pairs, and their infos.
-
-    Fills `<list_file>.probe.json`; a multi-process job can call this on one rank first so the others only read it.
-    """
+def open_list_index(list_file: str, root: str, num_classes: int, index_dir: str = "", num_workers: int = 8,
+                    probe: bool = True, progress=None) -> VideoIndex:
+    """The index of `list_file` (in data.index_dir, or beside the list): brought up to date and opened by the
+    prober (`probe`), only opened (and checked against the list) by the others. Errors as one-line LoaderErrors."""
+    path = index_file(list_file, index_dir)
     try:
-        records = read_video_list(list_file, root, num_classes)
-    except ListError as e:
+        if probe:
+            return prepare_index(list_file, root, num_classes, path, num_workers, progress)
+        return open_index(path, list_file, root, num_classes)
+    except (VideoIndexError, ListError) as e:
         raise LoaderError(str(e)) from e
-    infos, failures = probe_videos([r.path for r in records], cache_file=probe_cache_file(list_file),
-                                   num_workers=num_workers)
-    usable, usable_infos, mismatched = [], [], []
-    for record in records:
-        info = infos.get(record.path)
-        if info is None:
-            continue
-        num_frames = info.num_frames
-        if record.num_frames is not None and record.num_frames != info.num_frames:
-            mismatched.append(f"{record.path} (list {record.num_frames}, file {info.num_frames})")
-            num_frames = min(record.num_frames, info.num_frames)
-        elif record.num_frames is not None:
-            num_frames = record.num_frames
-        usable.append(VideoRecord(record.path, record.label, num_frames))
-        usable_infos.append(info)
-    skipped = [(path, reason) for path, reason in failures.items()]
+
+
+def usable_videos(index: VideoIndex, list_file: str, root: str) -> tuple[ListVideos, list[tuple[str, str]]]:
+    """The usable lines of the index's list and the skipped (path, reason) pairs, with the warnings of old."""
+    videos = ListVideos(index)
+    skipped = videos.skipped()
+    total = len(index.line_row)
     if skipped:
         shown = "; ".join(f"{p}: {r}" for p, r in skipped[:_SHOWN_PATHS])
         LOG.warning("%s: %d of %d videos cannot be read and are left out (%s%s)", list_file, len(skipped),
-                    len(records), shown, ", …" if len(skipped) > _SHOWN_PATHS else "")
-    if mismatched:
+                    total, shown, ", …" if len(skipped) > _SHOWN_PATHS else "")
+    if videos.mismatch_count():
         LOG.warning("%s: %d videos have another frame count in the list than in the file; using the smaller (%s%s)",
-                    list_file, len(mismatched), "; ".join(mismatched[:_SHOWN_PATHS]),
-                    ", …" if len(mismatched) > _SHOWN_PATHS else "")
-    if not usable:
-        raise LoaderError(f"{list_file}: none of the {len(records)} listed videos can be read "
+                    list_file, videos.mismatch_count(), "; ".join(videos.mismatched()),
+                    ", …" if videos.mismatch_count() > _SHOWN_PATHS else "")
+    if not len(videos):
+        raise LoaderError(f"{list_file}: none of the {total} listed videos can be read "
                           f"(first: {skipped[0][0]}: {skipped[0][1]}); check data.root ({root or '.'})")
-    return usable, skipped, usable_infos
+    return videos, skipped
 
 
-def _check_cpu_codecs(records: list[VideoRecord], infos: list[VideoInfo]) -> None:
-    other = [(r.path, i.codec) for r, i in zip(records, infos) if i.codec not in CPU_CODECS]
-    if other:
-        path, codec = other[0]
+class ListRecords(Sequence):
+    """VideoLoader.records: VideoRecord(path, label, num_frames) of each usable video, built when asked for."""
+
+    def __init__(self, videos: ListVideos):
+        self.videos = videos
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return VideoRecord(self.videos.path(i), int(self.videos.labels[i]), int(self.videos.num_frames[i]))
+
+
+class PathSequence(Sequence):
+    """The usable videos' paths, decoded when asked for."""
+
+    def __init__(self, videos: ListVideos):
+        self.videos = videos
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.videos.path(i % len(self))
+
+
+class InfoSequence(PathSequence):
+    """The usable videos' VideoInfos, built when asked for (for code that takes a list of them)."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.videos.info(i % len(self))
+
+
+def probe_list(list_file: str, root: str, num_classes: int, num_workers: int = 8,
+               index_dir: str = "") -> tuple[Sequence[VideoRecord], list[tuple[str, str]], Sequence[VideoInfo]]:
+    """Records of the usable videos (frame counts settled), the skipped (path, reason) pairs, and their infos, as
+    VideoLoader sees them (for benchmarks and tools); brings the list's index up to date first."""
+    index = open_list_index(list_file, root, num_classes, index_dir, num_workers, probe=True)
+    videos, skipped = usable_videos(index, list_file, root)
+    return ListRecords(videos), skipped, InfoSequence(videos)
+
+
+def _check_cpu_codecs(videos: ListVideos) -> None:
+    other = videos.not_among(CPU_CODECS)
+    if len(other):
+        path, codec = videos.path(int(other[0])), videos.info(int(other[0])).codec
         raise LoaderError(
-            f"{path}: {codec} video cannot be decoded on the CPU ({len(other)} of {len(records)} videos are not "
+            f"{path}: {codec} video cannot be decoded on the CPU ({len(other)} of {len(videos)} videos are not "
             f"{'/'.join(CPU_CODECS)}); DALI decodes {codec} only on a GPU (NVDEC): run on a GPU with "
             f"data.decode_device=auto or gpu, or re-encode to VP9 (tools/prepare_kinetics.py --reencode --codec vp9)")

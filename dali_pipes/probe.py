@@ -1,4 +1,4 @@
-"""Frame counts and seek points of every video, read from the container without decoding, cached beside the list.
+"""Frame counts and seek points of every video, read from the container without decoding (kept by index.py).
 
 For each video we demux the packets of its first video stream (PyAV; no pixel is decoded) and keep:
 - `num_frames`: the number of non-empty video packets that show a frame. WebM carries no frame count at all, and
@@ -22,28 +22,25 @@ For each video we demux the packets of its first video stream (PyAV; no pixel is
   one packet's end and the next one's start, display minus decode index), zlib-compressed and base64-encoded;
   about 0.4-0.6 kB per 300-frame video. `extradata`: the codec's configuration record (avcC/hvcC/av1C), base64.
 
-Results (and failures, with the reason) are cached in `<list file>.probe.json`, keyed by path and re-probed when a
-file's size or mtime changes; a cache of another CACHE_VERSION, or one that cannot be parsed, is probed again
-with a warning. Probing runs on a thread pool: PyAV releases the GIL while it reads.
+Results (and failures, with the reason) are stored in the list's binary video index (index.py), which also
+converts a version-3 `<list>.probe.json` cache of older code once. Probing runs on a thread pool: PyAV releases
+the GIL while it reads.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 2: packet table, extradata, profile, pix_fmt; 3: VP8/VP9 packets that show no frame
 CPU_CODECS = ("vp8", "vp9", "mjpeg")  # what DALI's CPU video decoder (PyPI build) accepts
 # FFmpeg codec name -> Matroska CodecID, for the codecs whose packets segments.py rewraps without changing them
 MATROSKA_CODECS = {"vp8": "V_VP8", "vp9": "V_VP9", "av1": "V_AV1", "mjpeg": "V_MJPEG",
@@ -68,6 +65,10 @@ class VideoInfo:
     # Frames decoded but never shown (VP9 alt-ref frames packed into a superframe with a shown one): 0 for other
     # codecs; -1 when unknown (an entry of a version-3 probe cache, written before the probe counted them).
     hidden_frames: int = 0
+    # Matroska/WebM only (matroska_blocks): the byte offset of each clean keyframe's block element, then the end of
+    # the last counted packet; segments.py finds the packets between them by parsing that range. () otherwise.
+    blocks: tuple[int, ...] = ()
+    track: int = 0  # the video's Matroska track number (with `blocks`)
 
 
 class ProbeError(ValueError):
@@ -124,9 +125,67 @@ def probe_video(path: str | Path) -> VideoInfo:
     if codec in MATROSKA_CODECS and all(offset >= 0 for offset, _ in places) and (
             codec not in _NEEDS_EXTRADATA or extradata[:1] == bytes([_NEEDS_EXTRADATA[codec]])):
         table = pack_packets([o for o, _ in places], [s for _, s in places], display_order(packets))
-    return VideoInfo(len(packets), clean_keyframes(packets), codec, width, height, container_name,
+    keyframes = clean_keyframes(packets)
+    blocks, track = (), 0
+    if table and container_name == "matroska,webm" and display_order(packets) == list(range(len(packets))):
+        blocks, track = _block_offsets(blob, places, keyframes)
+    return VideoInfo(len(packets), keyframes, codec, width, height, container_name,
                      str(profile), str(pix_fmt), table, base64.b64encode(extradata).decode() if table else "",
-                     sum(hidden[:num_shown]))
+                     sum(hidden[:num_shown]), blocks, track)
+
+
+def _block_offsets(blob: bytes, places: list[tuple[int, int]], keyframes: tuple[int, ...]
+                   ) -> tuple[tuple[int, ...], int]:
+    """(VideoInfo.blocks, track) when parsing the file's Matroska blocks finds exactly the demuxer's packets, in
+    order (so segments.py can find them again by parsing a byte range); ((), 0) when it does not."""
+    found = matroska_blocks(blob)
+    first = next((b for b in found if b[1] == places[0][0]), None)
+    if first is None:
+        return (), 0
+    track = first[3]
+    video = [b for b in found if b[3] == track and b[2] != 0]
+    if len(video) < len(places) or any(b[1] < 0 or (b[1], b[2]) != place for b, place in zip(video, places)):
+        return (), 0
+    last_offset, last_size = places[-1]
+    return tuple(video[k][0] for k in keyframes) + (last_offset + last_size,), track
+
+
+# Matroska element IDs (EBML, RFC 8794; Matroska, RFC 9559): elements whose children matroska_blocks reads
+_SEGMENT, _CLUSTER, _BLOCK_GROUP = 0x18538067, 0x1F43B675, 0xA0
+_SIMPLE_BLOCK, _BLOCK = 0xA3, 0xA1
+
+
+def matroska_blocks(data: bytes | memoryview) -> list[tuple[int, int, int, int]]:
+    """(element offset, data offset, data size, track number) of each SimpleBlock/Block in `data`, in file order:
+    `data` is a Matroska file, or a byte range of one that starts at an element (segments.py). Segment, Cluster and
+    BlockGroup are entered, every other element skipped by its size. A laced block (several frames) has data
+    offset and size -1. Parsing stops at an element that does not fit in `data`."""
+    out = []
+    pos, end = 0, len(data)
+    while pos < end:
+        element = pos
+        id_length = 9 - data[pos].bit_length()  # the ID keeps its length marker: 1..4 bytes
+        if not 1 <= id_length <= 4 or pos + id_length >= end:
+            break
+        element_id = int.from_bytes(data[pos:pos + id_length], "big")
+        pos += id_length
+        size_length = 9 - data[pos].bit_length()
+        if not 1 <= size_length <= 8 or pos + size_length > end:
+            break
+        size = int.from_bytes(data[pos:pos + size_length], "big") & ((1 << (7 * size_length)) - 1)
+        pos += size_length
+        if element_id in (_SEGMENT, _CLUSTER, _BLOCK_GROUP):
+            continue  # its children follow (an unknown size, all ones, is fine here)
+        if pos + size > end:
+            break
+        if element_id in (_SIMPLE_BLOCK, _BLOCK):
+            track_length = 9 - data[pos].bit_length()
+            track = int.from_bytes(data[pos:pos + track_length], "big") & ((1 << (7 * track_length)) - 1)
+            head = track_length + 3  # track number, int16 timecode, flags
+            laced = data[pos + track_length + 2] & 0x06
+            out.append((element, -1, -1, track) if laced else (element, pos + head, size - head, track))
+        pos += size
+    return out
 
 
 def _locate(blob: bytes, pos: int | None, data: bytes) -> int:
@@ -244,59 +303,34 @@ def clean_keyframes(packets: list[tuple[int, bool]]) -> tuple[int, ...]:
     return tuple(keyframes)
 
 
-def probe_videos(paths: list[str], cache_file: str | Path | None = None, num_workers: int = 8,
+def probe_videos(paths: list[str], num_workers: int = 8,
                  progress=None) -> tuple[dict[str, VideoInfo], dict[str, str]]:
-    """Probes many videos (cached); returns ({path: VideoInfo}, {path: reason}) for usable and unusable ones.
+    """Probes many videos; returns ({path: VideoInfo}, {path: reason}) for usable and unusable ones.
 
-    `progress(done, total)`, when given, is called after each video that had to be probed.
+    `progress(done, total)`, when given, is called after each video. index.py stores the results.
     """
-    cache = _read_cache(cache_file) if cache_file else {}
-    stats, todo, malformed, results = {}, [], [], {}
-    for path in dict.fromkeys(paths):
-        stat = _file_stat(path)
-        stats[path] = stat
-        entry = cache.get(path)
-        result = None if entry is None else _entry_result(entry)
-        if entry is not None and result is None:
-            malformed.append(path)
-        if result is None or entry.get("stat") != stat:
-            todo.append(path)
-        else:
-            results[path] = result
-    if malformed:
-        LOG.warning("%s: %d malformed probe cache entries (first: %s); probing them again", cache_file,
-                    len(malformed), malformed[0])
-    if todo:
-        LOG.info("probing %d of %d videos (frame counts and keyframes) with %d threads",
-                 len(todo), len(stats), num_workers)
-        with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            for done, (path, entry) in enumerate(zip(todo, pool.map(_probe_entry, todo)), start=1):
-                cache[path] = {"stat": stats[path], **entry}
-                if progress is not None:
-                    progress(done, len(todo))
-        if cache_file:
-            _write_cache(cache_file, cache)
+    todo = list(dict.fromkeys(paths))
     infos, failures = {}, {}
-    for path in stats:
-        result = results[path] if path in results else _entry_result(cache[path])
-        if isinstance(result, str):
-            failures[path] = result
-        else:
-            infos[path] = result
+    if not todo:
+        return infos, failures
+    LOG.info("probing %d videos (frame counts and keyframes) with %d threads", len(todo), num_workers)
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        for done, (path, result) in enumerate(zip(todo, pool.map(probe_or_reason, todo)), start=1):
+            if isinstance(result, str):
+                failures[path] = result
+            else:
+                infos[path] = result
+            if progress is not None:
+                progress(done, len(todo))
     return infos, failures
 
 
-def _entry_result(entry) -> VideoInfo | str | None:
-    """A cache entry's VideoInfo or failure reason; None when the entry is malformed (edited, or written by
-    other code)."""
+def probe_or_reason(path: str) -> VideoInfo | str:
+    """probe_video's VideoInfo, or the reason it cannot be used."""
     try:
-        if isinstance(entry.get("error"), str):
-            return entry["error"]
-        info = entry["info"]
-        # A version-3 entry has no hidden_frames: unknown (-1), not 0 (nvdec routing treats unknown as hidden).
-        return VideoInfo(**{"hidden_frames": -1, **info, "keyframes": tuple(int(k) for k in info["keyframes"])})
-    except (AttributeError, KeyError, TypeError, ValueError):
-        return None
+        return probe_video(path)
+    except ProbeError as e:
+        return str(e)
 
 
 def decode_error(path: str | Path, num_frames: int) -> str | None:
@@ -313,53 +347,10 @@ def decode_error(path: str | Path, num_frames: int) -> str | None:
     return None
 
 
-def mark_unreadable(cache_file: str | Path, path: str, reason: str) -> None:
-    """Records a failure found at decode time in the cache, so later runs leave the video out (until it changes)."""
-    cache = _read_cache(cache_file)
-    cache[path] = {"stat": _file_stat(path), "error": reason}
-    _write_cache(cache_file, cache)
-
-
-def _probe_entry(path: str) -> dict:
-    try:
-        return {"info": asdict(probe_video(path))}
-    except ProbeError as e:
-        return {"error": str(e)}
-
-
-def _file_stat(path: str) -> list[int] | None:
+def file_stat(path: str) -> tuple[int, int]:
+    """(size in bytes, mtime in ns) of `path`, (-1, -1) when it cannot be statted (missing)."""
     try:
         st = os.stat(path)
     except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _read_cache(cache_file: str | Path) -> dict:
-    try:
-        data = json.loads(Path(cache_file).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        LOG.warning("%s: unreadable probe cache (%s); probing again", cache_file, e)
-        return {}
-    if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
-        LOG.warning("%s: not a probe cache (no 'videos' table); probing again", cache_file)
-        return {}
-    if data.get("version") != CACHE_VERSION:
-        LOG.warning("%s: probe cache of version %s, this code reads version %d; probing again", cache_file,
-                    data.get("version"), CACHE_VERSION)
-        return {}
-    return data["videos"]
-
-
-def _write_cache(cache_file: str | Path, cache: dict) -> None:
-    """Atomic: concurrent writers (several ranks) each replace the file whole, never leave half a file."""
-    cache_file = Path(cache_file)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=cache_file.name + ".", suffix=".tmp", dir=cache_file.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "videos": cache}, f)
-        os.replace(tmp, cache_file)
-    except OSError as e:
-        LOG.warning("%s: cannot write the probe cache (%s); the next run probes again", cache_file, e)
+        return -1, -1
+    return st.st_size, st.st_mtime_ns

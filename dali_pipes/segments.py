@@ -11,10 +11,17 @@ No frame is decoded here. Two ways, chosen per video by what the probe found (pr
   header, Segment, Info, Tracks with the codec and its extradata, Clusters of SimpleBlocks). Matroska carries raw
   packets of VP8/VP9/AV1/MJPEG and length-prefixed H.264/HEVC (CodecPrivate = the avcC/hvcC an MP4 holds) alike,
   so MP4/H.264 and WebM/VP9 take the same code. No container library is opened: about 0.1-0.3 ms per clip.
+- block path (`info.blocks` set: a WebM/Matroska file whose blocks the probe found to be exactly its packets): the
+  index keeps only each clean keyframe's block offset (a per-packet table would be most of a Kinetics-size index,
+  docs/PERFORMANCE.md); the one read covers the keyframes' byte range and its blocks are parsed
+  (probe.matroska_blocks: element headers only, no container library), then rewrapped as above.
 - fallback: PyAV demuxes the file and remuxes the packets into a new container of the same format (two `av.open`
   calls, about 9-11 ms per clip), for files whose packets the probe could not place (e.g. MPEG-TS, Annex-B H.264
   without avcC, laced Matroska blocks).
 A cut that is the whole video is the file itself, either way.
+
+The cut also checks that the file is still the one the index describes (`stat`: size and mtime when probed): a
+video replaced since the probe would otherwise be cut at stale byte offsets. VideoChanged names it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from dali_pipes.probe import MATROSKA_CODECS, VideoInfo, unpack_packets
+from dali_pipes.probe import MATROSKA_CODECS, VideoInfo, matroska_blocks, unpack_packets
 
 # FFmpeg demuxer name -> muxer that writes the same kind of file (the PyAV fallback)
 _MUXERS = {"matroska,webm": "matroska", "mov,mp4,m4a,3gp,3g2,mj2": "mp4", "avi": "avi"}
@@ -51,30 +58,88 @@ def segment_bounds(info: VideoInfo, first_frame: int, last_frame: int) -> tuple[
     return start, stop
 
 
-def read_segment(path: str | Path, info: VideoInfo, first_frame: int, last_frame: int) -> tuple[np.ndarray, int]:
-    """(encoded bytes as uint8, base): a decodable file holding frames base..stop-1 of `path` (display order)."""
+class VideoChanged(RuntimeError):
+    """A video whose size or mtime differs from the probe's: its index entry no longer describes it. A RuntimeError
+    like DALI's own errors, so the loader's guard around DALI's step finds it and marks the video."""
+
+    def __init__(self, path: str | Path, probed: tuple[int, int], now: tuple[int, int]):
+        super().__init__(f"{path}: changed since it was probed (size {probed[0]} -> {now[0]} bytes, mtime "
+                         f"{probed[1]} -> {now[1]} ns); probed again at the next start")
+        self.path = str(path)
+
+
+def read_segment(path: str | Path, info: VideoInfo, first_frame: int, last_frame: int,
+                 stat: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
+    """(encoded bytes as uint8, base): a decodable file holding frames base..stop-1 of `path` (display order).
+
+    `stat`: (size, mtime_ns) the probe saw; VideoChanged when the file's differs.
+    """
     start, stop = segment_bounds(info, first_frame, last_frame)
-    if start == 0 and stop == info.num_frames:
-        return np.fromfile(path, dtype=np.uint8), 0
-    if info.packets:
-        return np.frombuffer(matroska_cut(path, info, start, stop), dtype=np.uint8), start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if stat is not None:
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != tuple(stat):
+                raise VideoChanged(path, tuple(stat), (st.st_size, st.st_mtime_ns))
+        if start == 0 and stop == info.num_frames:
+            return np.frombuffer(_read_all(fd, path), dtype=np.uint8), 0
+        if info.blocks:
+            return np.frombuffer(block_cut(path, info, start, stop, fd), dtype=np.uint8), start
+        if info.packets:
+            return np.frombuffer(matroska_cut(path, info, start, stop, fd), dtype=np.uint8), start
+    finally:
+        os.close(fd)
     return pyav_cut(path, info, start, stop)
 
 
-def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int) -> bytes:
-    """Packets start..stop-1 (decode order; start and stop clean keyframes) of `path` as a Matroska file."""
+def _read_all(fd: int, path: str | Path) -> bytes:
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise OSError(f"{path}: read {len(data)} of {size} bytes")
+    return data
+
+
+def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int, fd: int | None = None) -> bytes:
+    """Packets start..stop-1 (decode order; start and stop clean keyframes) of `path` (read through `fd` when
+    given) as a Matroska file."""
     offsets, sizes, display = unpack_packets(info.packets, info.num_frames)
     offsets, sizes, display = offsets[start:stop], sizes[start:stop], display[start:stop] - start
     low, high = int(offsets.min()), int((offsets + sizes).max())
-    fd = os.open(path, os.O_RDONLY)
+    own = fd is None
+    fd = os.open(path, os.O_RDONLY) if own else fd
     try:
         data = os.pread(fd, high - low, low)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     if len(data) != high - low:
         raise OSError(f"{path}: file shorter than its probe says ({low + len(data)} of {high} bytes); "
-                      f"delete {path}'s entry from the probe cache or the cache itself to probe it again")
-    view = memoryview(data)
+                      f"it changed since it was probed: touch it so that the next start probes it again")
+    return _matroska_file(memoryview(data), info, start, stop, offsets - low, sizes, display)
+
+
+def block_cut(path: str | Path, info: VideoInfo, start: int, stop: int, fd: int) -> bytes:
+    """As matroska_cut, for a Matroska file the index keeps no packet table of: one read from the block of
+    keyframe `start` to that of keyframe `stop` (or the end of the last frame), whose blocks of the video's track
+    are the packets start..stop-1 (probe.matroska_blocks; decode order is display order there)."""
+    k = bisect.bisect_left(info.keyframes, start)
+    after = bisect.bisect_left(info.keyframes, stop) if stop < info.num_frames else len(info.keyframes)
+    low, high = info.blocks[k], info.blocks[after]
+    data = os.pread(fd, high - low, low)
+    found = [b for b in matroska_blocks(data) if b[3] == info.track and b[2] != 0][:stop - start]
+    if len(data) != high - low or len(found) != stop - start or any(b[1] < 0 for b in found):
+        raise OSError(f"{path}: bytes {low}..{high} do not hold frames {start}..{stop - 1} as probed ({len(found)} "
+                      f"blocks); it changed since it was probed: touch it so that the next start probes it again")
+    offsets = np.array([b[1] for b in found], np.int64)
+    sizes = np.array([b[2] for b in found], np.int64)
+    return _matroska_file(memoryview(data), info, start, stop, offsets, sizes, np.arange(stop - start))
+
+
+def _matroska_file(view: memoryview, info: VideoInfo, start: int, stop: int, offsets: np.ndarray,
+                   sizes: np.ndarray, display: np.ndarray) -> bytes:
+    """Packets start..stop-1, at `offsets` (int64, into `view`) with `sizes`, display indices from 0 (`display`),
+    as a Matroska file."""
     count = stop - start
     firsts = np.arange(0, count, _BLOCKS_PER_CLUSTER)  # first block of each Cluster
     cluster_times = np.minimum.reduceat(display, firsts)
@@ -88,7 +153,7 @@ def matroska_cut(path: str | Path, info: VideoInfo, start: int, stop: int) -> by
     heads["flags"] = np.where(clean, 0x80, 0)
     heads = memoryview(heads.tobytes())
     block_bytes = np.cumsum(np.concatenate([[0], sizes + 9]))  # bytes of blocks 0..i-1
-    offsets, sizes = (offsets - low).tolist(), sizes.tolist()
+    offsets, sizes = offsets.tolist(), sizes.tolist()
     out = [_header(info.codec, info.extradata, info.width, info.height)]  # joined once: packets copied once
     for first, cluster_time in zip(firsts.tolist(), cluster_times.tolist()):
         last = min(first + _BLOCKS_PER_CLUSTER, count)

@@ -1,10 +1,8 @@
 """Probe behaviours no fast test guarded (audit round 2, issue 23 item 8): the hidden-frame count of a VP9 file with
-hidden packets at its end, the "unknown" hidden count of a cache entry that predates it, and two corners of the
+hidden packets at its end (a version-3 cache entry's unknown count is test_index's), and two corners of the
 VP9 packet parsing (hand-laid bytes, as test_probe's superframe test: the encoder here makes neither)."""
 
-import json
-
-from dali_pipes.probe import CACHE_VERSION, hidden_frames, probe_video, probe_videos, shown_frames, vp9_frames
+from dali_pipes.probe import hidden_frames, probe_video, shown_frames, vp9_frames
 from test_probe import hide_frames
 from tools.make_synthetic import index_frames, write_video
 
@@ -15,22 +13,6 @@ def test_hidden_packets_left_out_at_the_end_are_not_counted_as_hidden_frames(tmp
     clip = write_video(tmp_path / "clip.webm", index_frames(40, 48, 64), codec="vp9", gop=16)
     info = probe_video(hide_frames(clip, tmp_path / "hidden_tail.webm", range(35, 40)))
     assert (info.num_frames, info.hidden_frames) == (35, 0)
-
-
-def test_a_cache_entry_without_a_hidden_count_reads_as_unknown_not_as_none(tmp_path):
-    """A version-3 cache written before the probe counted hidden frames: its entries are kept (same version) and
-    their hidden_frames is -1 (unknown), never 0, which would claim the file has none."""
-    clip = str(write_video(tmp_path / "clip.webm", index_frames(20, 48, 64), codec="vp9"))
-    cache = tmp_path / "list.txt.probe.json"
-    infos, _ = probe_videos([clip], cache)
-    assert infos[clip].hidden_frames == 0
-    data = json.loads(cache.read_text())
-    assert data["version"] == CACHE_VERSION == 3
-    del data["videos"][clip]["info"]["hidden_frames"]
-    cache.write_text(json.dumps(data))
-    infos, failures = probe_videos([clip], cache)
-    assert failures == {} and infos[clip].hidden_frames == -1
-    assert infos[clip].num_frames == 20  # the rest of the entry is read as it was
 
 
 def test_a_superframe_index_whose_sizes_overrun_the_packet_is_frame_data():

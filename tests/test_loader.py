@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gc
-import json
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ import torch
 
 from config import DataConfig
 from media_helpers import CpuDecoder
+from test_index import rewrite_index
 from dali_pipes import geometry
 from dali_pipes.loader import LoaderError, VideoLoader
 from dali_pipes.geometry import MEAN_RGB, STD_RGB
@@ -271,8 +272,8 @@ def test_a_video_that_breaks_decoding_is_named_and_left_out_next_time(tmp_path):
     loader = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert len(loader.records) == 2  # probing reads packets only: the damage shows when decoding
     with pytest.raises(LoaderError, match=r"bad\.webm: DALI cannot decode it \(.*Invalid data.*\); marked "
-                                          r"unreadable in .*list\.txt\.probe\.json, so a rerun or --resume "
-                                          r"leaves it out"):
+                                          r"unreadable in .*list\.txt\.index\.marks-.+\.jsonl, so a rerun or "
+                                          r"--resume leaves it out"):
         list(loader)
     again = VideoLoader(cfg, "val", batch_size=2, num_classes=1)
     assert [r.path for r in again.records] == [str(good)] and again.skipped[0][0] == str(bad)
@@ -293,25 +294,21 @@ def test_shard_sizes_match_the_shards_for_every_world_size():
         for count in (1, 5, 9, 10):
             for shards in (1, 2, 3, 4):
                 for shard in range(shards):
-                    spec = SourceSpec(mode, tuple(map(str, range(count))), (0,) * count, (1,) * count,
-                                      (None,) * count, 1, 1, 1, 1, 1, 1, 0, 2, shard, shards)
+                    spec = SourceSpec(mode, "unused.index", "", count, 1, 1, 1, 1, 1, 1, 0, 2, shard, shards)
                     assert shard_size(spec) == len(shard_indices(spec, 3)), (mode, count, shards, shard)
 
 
 def test_a_frame_past_what_dali_finds_is_an_error_naming_the_video_never_a_black_frame(videos, tmp_path):
-    # The probe cache claims 30 frames for a 20-frame file (as a probe would whose count exceeds what the
-    # decoder sees): the val clip then asks for frames 20..29, which DALI's decoder pads black by default.
+    # The index claims 30 frames for a 20-frame file (as a probe would whose count exceeds what the decoder
+    # sees): the val clip then asks for frames 20..29, which DALI's decoder pads black by default.
     entries = [(videos["long_webm"], 0), (videos["short"], 1), (videos["default_gop"], 0)]
     cfg = data_config(write_list(tmp_path, entries), decode_pipelines=2)
-    VideoLoader(cfg, "val", batch_size=1, num_classes=2)  # fills the cache
-    cache_file = tmp_path / "list.txt.probe.json"
-    cache = json.loads(cache_file.read_text())
-    cache["videos"][str(videos["short"])]["info"]["num_frames"] = 30
-    cache_file.write_text(json.dumps(cache))
+    VideoLoader(cfg, "val", batch_size=1, num_classes=2)  # writes the index
+    rewrite_index(tmp_path / "list.txt.index", num_frames={1: 30})
     loader = VideoLoader(cfg, "val", batch_size=1, num_classes=2)
     assert loader.records[1].num_frames == 30
     with pytest.raises(LoaderError, match=r"short\.webm: DALI cannot decode it \(Unexpected out-of-bounds frame "
-                                          r"index 2\d .*\); marked unreadable in .*list\.txt\.probe\.json"):
+                                          r"index 2\d .*\); marked unreadable in .*list\.txt\.index\.marks-"):
         list(loader)
     again = VideoLoader(cfg, "val", batch_size=1, num_classes=2)
     assert [r.path for r in again.records] == [str(videos["long_webm"]), str(videos["default_gop"])]
@@ -330,7 +327,7 @@ class _ConversionOutOfMemory(VideoLoader):
 
 def test_an_out_of_memory_error_is_not_a_bad_video(index_list):
     loader = VideoLoader(data_config(index_list), "train", batch_size=2, num_classes=4)
-    cache_before = open(f"{index_list}.probe.json").read()
+    index_before = open(f"{index_list}.index", "rb").read()
     error = torch.OutOfMemoryError("CUDA out of memory (in the training step)")
     with pytest.raises(torch.OutOfMemoryError) as raised:
         for _ in loader:
@@ -339,7 +336,8 @@ def test_an_out_of_memory_error_is_not_a_bad_video(index_list):
     converting = _ConversionOutOfMemory(data_config(index_list), "val", batch_size=2, num_classes=4)
     with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
         list(converting)
-    assert open(f"{index_list}.probe.json").read() == cache_before  # nothing marked unreadable
+    assert open(f"{index_list}.index", "rb").read() == index_before  # nothing marked unreadable
+    assert not list(Path(index_list).parent.glob("*.marks-*"))
     assert len(list(loader)) == 3  # and the loaders still work
     assert len(list(converting)) == 3
 

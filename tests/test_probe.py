@@ -1,15 +1,11 @@
-"""Frame counts and seek points read without decoding, their cache, and how unreadable files are reported."""
-
-import json
-import os
-
-import logging
+"""Frame counts and seek points read without decoding, and how unreadable files are reported (their storage, the
+video index: test_index.py)."""
 
 import av
 import numpy as np
 import pytest
 
-from dali_pipes.probe import (CACHE_VERSION, ProbeError, clean_keyframes, probe_video, probe_videos, shown_frames,
+from dali_pipes.probe import (ProbeError, clean_keyframes, probe_video, probe_videos, shown_frames,
                               unpack_packets, vp9_frames)
 from media_helpers import CpuDecoder, write_audio_only
 from tools.make_synthetic import index_frames, read_index, write_video
@@ -89,70 +85,11 @@ def test_profile_pixel_format_and_packet_table(videos, name, profile):
     assert bool(info.extradata) == (name == "h264")  # the avcC record; VP9 needs none
 
 
-def test_cache_is_used_and_refreshed_when_a_file_changes(videos, tmp_path):
-    clip = tmp_path / "clip.webm"
-    clip.write_bytes(videos["short"].read_bytes())
-    cache = tmp_path / "list.txt.probe.json"
-    infos, failures = probe_videos([str(clip), str(tmp_path / "gone.webm")], cache)
-    assert infos[str(clip)].num_frames == 20 and failures == {str(tmp_path / "gone.webm"): "no such file"}
-    # Prove the next call reads the cache: doctor the cached count.
-    data = json.loads(cache.read_text())
-    data["videos"][str(clip)]["info"]["num_frames"] = 999
-    cache.write_text(json.dumps(data))
-    assert probe_videos([str(clip)], cache)[0][str(clip)].num_frames == 999
-    # A changed file (mtime) is probed again.
-    stat = clip.stat()
-    os.utime(clip, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert probe_videos([str(clip)], cache)[0][str(clip)].num_frames == 20
-
-
 def test_many_videos_in_parallel(videos, tmp_path):
     paths = [str(videos[name]) for name in ("long_webm", "long_mp4", "short", "h264", "portrait")] * 3
-    infos, failures = probe_videos(paths, None, num_workers=4)
+    infos, failures = probe_videos(paths, num_workers=4)
     assert not failures and len(infos) == 5
     assert infos[str(videos["portrait"])].width == 48 and infos[str(videos["portrait"])].height == 64
-
-
-@pytest.mark.parametrize("content, warning", [
-    ("{not json", "unreadable probe cache"),
-    ('{"version": %d, "videos": []}' % CACHE_VERSION, "not a probe cache"),
-    ('{"version": 1, "videos": {}}', "probe cache of version 1, this code reads version %d" % CACHE_VERSION),
-])
-def test_corrupt_or_old_caches_are_probed_again_with_a_warning(videos, tmp_path, caplog, content, warning):
-    cache = tmp_path / "list.txt.probe.json"
-    cache.write_text(content)
-    with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
-        infos, failures = probe_videos([str(videos["short"])], cache)
-    assert warning in caplog.text and str(cache) in caplog.text
-    assert infos[str(videos["short"])].num_frames == 20 and not failures
-    assert json.loads(cache.read_text())["version"] == CACHE_VERSION  # rewritten in the current format
-
-
-def test_an_old_version_entry_is_not_trusted(videos, tmp_path, caplog):
-    """A version-1 cache (no packet table) with the right stat: probed again, so the fast cut gets its table."""
-    cache = tmp_path / "list.txt.probe.json"
-    path = str(videos["long_webm"])
-    probe_videos([path], cache)
-    data = json.loads(cache.read_text())
-    data["version"] = 1
-    for key in ("packets", "extradata", "profile", "pix_fmt"):
-        del data["videos"][path]["info"][key]
-    cache.write_text(json.dumps(data))
-    with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
-        info = probe_videos([path], cache)[0][path]
-    assert "version 1" in caplog.text and info.packets and info.profile == "Profile 0"
-
-
-def test_a_malformed_entry_is_probed_again(videos, tmp_path, caplog):
-    cache = tmp_path / "list.txt.probe.json"
-    path = str(videos["short"])
-    probe_videos([path], cache)
-    data = json.loads(cache.read_text())
-    del data["videos"][path]["info"]["keyframes"]
-    cache.write_text(json.dumps(data))
-    with caplog.at_level(logging.WARNING, logger="dali_pipes.probe"):
-        info = probe_videos([path], cache)[0][path]
-    assert "1 malformed probe cache entries" in caplog.text and info.keyframes == (0,)
 
 
 def hide_frames(source, target, packet_numbers, flag=0x02):
@@ -210,7 +147,7 @@ def test_a_hidden_packet_before_a_shown_one_makes_the_video_unusable(tmp_path):
     with pytest.raises(ProbeError, match=r"^packet 21 of 40 shows no frame; DALI numbers frames by packet: "
                                          r"re-encode with tools/prepare_kinetics\.py --reencode$"):
         probe_video(hidden)
-    infos, failures = probe_videos([str(hidden), str(clip)], tmp_path / "list.txt.probe.json")
+    infos, failures = probe_videos([str(hidden), str(clip)])
     assert list(infos) == [str(clip)] and "packet 21 of 40 shows no frame" in failures[str(hidden)]
 
 

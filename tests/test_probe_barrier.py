@@ -1,7 +1,8 @@
-"""The first multi-process run: local rank 0 probes the list while the other processes wait, however long it takes.
+"""The first multi-process run: rank 0 probes the list while the other processes wait, however long it takes.
 
 The wait must not be bounded by the process group's collective timeout (NCCL: 10 minutes; a cold probe of
-Kinetics-400 takes longer), and rank 0 shows the probe's progress.
+Kinetics-400 takes longer), and rank 0 shows the probe's progress. Two torchrun launchers (`--nnodes 2` on one
+machine, one file system) probe the list once between them.
 """
 
 import datetime
@@ -54,7 +55,7 @@ WORKER = textwrap.dedent("""
 
 
 def copy_list(motion_set: Path, folder: Path) -> Path:
-    """The motion set's training list in a folder of its own, so its probe cache is this test's alone."""
+    """The motion set's training list in a folder of its own, so its index is this test's alone."""
     folder.mkdir()
     list_file = folder / "train_list.txt"
     list_file.write_text((motion_set / "train_list.txt").read_text())
@@ -90,7 +91,7 @@ def hold_reader(fifo: Path, hold_s: float, deadline_s: float = 120) -> None:
             if e.errno != errno.ENXIO or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
-    # Rank 0 is inside its probe (reading the probe cache) and rank 1 waits for it. Holding rank 0 there for
+    # Rank 0 is inside its probe (reading the old probe cache to convert it) and rank 1 waits for it. Holding it there for
     # a multiple of the group's timeout is the scenario itself: a probe that outlasts the collective timeout.
     time.sleep(hold_s)
     try:
@@ -105,8 +106,8 @@ def hold_reader(fifo: Path, hold_s: float, deadline_s: float = 120) -> None:
 def test_a_probe_longer_than_the_group_timeout_does_not_break_the_run(motion_set, tmp_path):
     list_file = copy_list(motion_set, tmp_path / "lists")
     count = len(list_file.read_text().splitlines())
-    # The probe cache as a named pipe: rank 0's probe blocks reading it until the test writes, deterministically
-    # longer than the group's timeout, whatever the machine's speed.
+    # An old probe cache as a named pipe: rank 0's probe blocks reading it (to convert it) until the test writes,
+    # deterministically longer than the group's timeout, whatever the machine's speed.
     os.mkfifo(f"{list_file}.probe.json")
     (tmp_path / "ready").mkdir()
     worker = tmp_path / "worker.py"
@@ -126,7 +127,7 @@ def test_a_probe_longer_than_the_group_timeout_does_not_break_the_run(motion_set
     assert f"rank 0 loader ready: {count} videos" in output and f"rank 1 loader ready: {count} videos" in output
     assert "rank 0 probed here: 1 times" in output and "rank 1 probed here: 0 times" in output  # the barrier held
     assert f"train_list.txt: probed {count}/{count} videos" in output  # rank 0's progress
-    assert (tmp_path / "lists" / "train_list.txt.probe.json").is_file()  # the probe replaced the pipe
+    assert (tmp_path / "lists" / "train_list.txt.index").is_file()
 
 
 def test_group_timeout_setting(monkeypatch):
@@ -138,3 +139,79 @@ def test_group_timeout_setting(monkeypatch):
         monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
         with pytest.raises(ConfigError, match=f"{DIST_TIMEOUT_ENV}='{bad}': expected a number of seconds > 0"):
             _dist_timeout()
+
+
+LAUNCHED = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    import dali_pipes.probe as probe
+    from config import load_config
+    from runtime import build_video_loader, init_distributed, setup_logging, teardown_distributed
+
+    probe_video = probe.probe_video
+
+    def counted(path):  # one line per video probed, naming the process that probed it
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{{os.environ['RANK']}} {{path}}\\n")
+        return probe_video(path)
+
+    probe.probe_video = counted
+    setup_logging(int(os.environ["RANK"]))
+    ctx = init_distributed()
+    cfg = load_config(None, sys.argv[2:])
+    loader = build_video_loader(cfg, "train", ctx, 2)
+    print(f"rank {{ctx.rank}} of {{ctx.world_size}} loader ready: {{len(loader.records)}} videos, index "
+          f"{{loader.index.nonce}}", flush=True)
+    teardown_distributed()
+""")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_launchers_on_one_file_system_probe_once_with_the_index_outside_a_read_only_data_folder(
+        motion_set, tmp_path):
+    """`torchrun --nnodes 2` twice on one machine, as two machines sharing a file system: exactly one process
+    (global rank 0) probes, and both nodes' ranks open the same index, kept in data.index_dir. The data folder is
+    chmod a-w; tests run as root, which could write there anyway, so what is proved is that nothing was: its
+    listing is unchanged."""
+    data = tmp_path / "data"
+    list_file = copy_list(motion_set, data)
+    count = len(list_file.read_text().splitlines())
+    index_dir = tmp_path / "indexes"
+    index_dir.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(LAUNCHED.format(repo=str(REPO)))
+    probes = tmp_path / "probes.txt"
+    overrides = [f"data.root={motion_set}", f"data.train_list={list_file}", f"data.index_dir={index_dir}",
+                 "data.num_threads=1", "model.num_classes=4"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    before = sorted(os.listdir(data))
+    data.chmod(0o555)
+    launchers = []
+    try:
+        for node in (0, 1):
+            launchers.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                 "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", str(worker), str(probes),
+                 *overrides], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outputs = [launcher.communicate(timeout=240)[0] for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+        data.chmod(0o755)
+    assert [launcher.returncode for launcher in launchers] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    ready = [line for output in outputs for line in output.splitlines() if "loader ready" in line]
+    assert sorted(line.split(" loader")[0] for line in ready) == ["rank 0 of 2", "rank 1 of 2"], outputs
+    assert len({line.split("index ")[1] for line in ready}) == 1  # both opened the one file rank 0 wrote
+    assert all(f"{count} videos" in line for line in ready)
+    probed = probes.read_text().splitlines()
+    assert len(probed) == count and {line.split()[0] for line in probed} == {"0"}, probed
+    assert sorted(os.listdir(data)) == before and len(list(index_dir.iterdir())) == 1

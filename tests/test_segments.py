@@ -14,7 +14,7 @@ from dali_pipes.probe import probe_video, unpack_packets
 from dali_pipes.segments import read_segment, segment_bounds
 from tools.make_synthetic import index_frames, k400like_frames, read_index, write_video
 
-PATHS = ["fast", "fallback"]
+PATHS = ["fast", "table", "fallback"]  # fast: block offsets in WebM (the packet table in MP4)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,25 @@ def textured_h264(tmp_path_factory):
 
 
 def probed(path, way):
-    """The probe's VideoInfo, without its packet table for the fallback path."""
+    """The probe's VideoInfo; for the table path without its block offsets, for the fallback without either."""
     info = probe_video(path)
     assert info.packets, f"{path}: the probe found no packet table"
-    return info if way == "fast" else dataclasses.replace(info, packets="")
+    if way == "fast":
+        return info
+    return dataclasses.replace(info, blocks=()) if way == "table" else dataclasses.replace(info, packets="", blocks=())
+
+
+@pytest.mark.parametrize("first, last", [(0, 7), (31, 40), (100, 107), (250, 299), (292, 299)])
+def test_a_cut_found_by_parsing_blocks_is_the_cut_of_the_packet_table(videos, first, last):
+    """WebM: the index keeps each clean keyframe's block offset, not every packet's place; parsing the blocks in
+    between yields the very bytes the packet table's cut does. MP4 keeps its packets' places in its header: no
+    block offsets there."""
+    info = probe_video(videos["long_webm"])
+    assert len(info.blocks) == len(info.keyframes) + 1 and info.track == 1
+    assert not probe_video(videos["long_mp4"]).blocks
+    by_blocks, base = read_segment(videos["long_webm"], info, first, last)
+    by_table, table_base = read_segment(videos["long_webm"], dataclasses.replace(info, blocks=()), first, last)
+    assert base == table_base and by_blocks.tobytes() == by_table.tobytes()
 
 
 def pyav_frames(data) -> list[np.ndarray]:
@@ -265,3 +280,34 @@ def test_nvdec_decodes_fast_cuts_to_the_frames_of_the_whole_file(tmp_path, codec
         encoded, base = read_segment(path, info, first, last)
         assert encoded[:4].tobytes() == b"\x1a\x45\xdf\xa3"
         assert np.array_equal(decode(encoded, wanted - base), decode(np.fromfile(path, np.uint8), wanted))
+
+
+def test_a_block_cut_leaves_out_the_audio_blocks_between_video_frames(tmp_path, decoder):
+    """A WebM with an Opus track interleaved, as YouTube's Kinetics downloads have: the blocks of both tracks lie
+    in a cut's byte range, and only the video's are taken; the cut equals the packet table's and decodes to the
+    right frames."""
+    path = tmp_path / "with_audio.webm"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libvpx-vp9", rate=30, options={"deadline": "realtime", "cpu-used": "8",
+                                                                    "g": "16"})
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("libopus", rate=48000)
+        audio_pts = 0
+        for pts, rgb in enumerate(index_frames(48, 48, 64)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = pts
+            container.mux(video.encode(frame))
+            while audio_pts < (pts + 1) * 1600:  # 48 kHz audio, 30 fps video
+                samples = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="flt", layout="mono")
+                samples.sample_rate, samples.pts = 48000, audio_pts
+                container.mux(audio.encode(samples))
+                audio_pts += 960
+        container.mux(video.encode(None))
+        container.mux(audio.encode(None))
+    info = probe_video(path)
+    assert info.blocks and info.keyframes == (0, 16, 32)
+    for first, last in [(0, 7), (20, 30), (40, 47)]:
+        cut, base = read_segment(path, info, first, last)
+        table_cut, _ = read_segment(path, dataclasses.replace(info, blocks=()), first, last)
+        assert cut.tobytes() == table_cut.tobytes(), (first, last)
+        assert [read_index(f) for f in decoder(cut, np.arange(first, last + 1) - base)] == list(range(first, last + 1))

@@ -84,7 +84,7 @@ def test_test_views_equal_the_every_frame_graph_bit_for_bit(clip_list, recipe):
     seen = []
     for batch in loader:
         for row, index in enumerate(batch.video_idx.tolist()):
-            record, info = loader.records[index], loader.spec.infos[index]
+            record, info = loader.records[index], loader.videos.info(index)
             frames = sample_frames(record.num_frames, clip_len, interval, 10, test_mode=True)
             size = geometry.short_side_size(info.height, info.width, 40)
             expected = reference(record.path, frames, size, geometry.three_crop_boxes(*size, 40))
@@ -105,7 +105,7 @@ def test_train_and_val_clips_equal_the_every_frame_graph_bit_for_bit(clip_list, 
     flips = set()
     for batch in train:
         for row, index in enumerate(batch.video_idx.tolist()):
-            record, info = train.records[index], train.spec.infos[index]
+            record, info = train.records[index], train.videos.info(index)
             frames = sample_frames(record.num_frames, clip_len, interval, 2, False, sample_rng(4, 0, index, 0))
             size = geometry.short_side_size(info.height, info.width, 40)
             rng = sample_rng(4, 0, index, 1)
@@ -120,7 +120,7 @@ def test_train_and_val_clips_equal_the_every_frame_graph_bit_for_bit(clip_list, 
     (batch,) = list(val)
     assert len(batch.labels) == 4
     for row, index in enumerate(batch.video_idx.tolist()):
-        record, info = val.records[index], val.spec.infos[index]
+        record, info = val.records[index], val.videos.info(index)
         frames = sample_frames(record.num_frames, clip_len, interval, 1, test_mode=True)
         size = geometry.short_side_size(info.height, info.width, 40)
         expected = reference(record.path, frames, size, [geometry.center_crop_box(*size, 32)])

@@ -85,7 +85,7 @@ def to_uint8(clips: torch.Tensor) -> np.ndarray:
 
 def sampled_indices(loader: VideoLoader, index: int, epoch: int) -> np.ndarray:
     """(views, T) frame numbers video `index` of the loader reads, as its BatchSource samples them, crop-major."""
-    frames = BatchSource(loader.spec, epoch, 0).frame_indices(index, epoch)
+    frames = BatchSource(loader.spec, epoch, 0, videos=loader.videos).frame_indices(index, epoch)
     return np.tile(frames, (loader.spec.num_crops, 1)).astype(np.int32)  # view = crop * clips + clip
 
 

@@ -15,7 +15,8 @@
 Writes to --out: kinetics400_train_list_videos.txt and kinetics400_val_list_videos.txt (`<path> <label>` with
 paths relative to the split's folder, MMAction2's format), class_names.txt (index order: sorted class names, the
 order of MMAction2's Kinetics-400 label map, or the order of --class-names), prepare_summary.txt (every file left
-out and why: missing, unreadable, empty, audio only), and the probe caches the loader reuses. Every video is
+out and why: missing, unreadable, empty, audio only), and the lists' video indexes the loader reuses
+(dali_pipes/index.py; beside the lists). Every video is
 probed (frame counts, keyframes) in parallel. Re-encoding runs in parallel processes and is resumable: finished
 files are skipped on a rerun, and an interrupted file never leaves a partial output under its final name.
 """
@@ -36,6 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dali_pipes.lists import VIDEO_EXTENSIONS, ListError, read_class_names  # noqa: E402
+from dali_pipes.index import index_file, prepare_index, unchanged_entries  # noqa: E402
 from dali_pipes.probe import probe_videos  # noqa: E402
 from tools.make_synthetic import CODECS, VideoWriter  # noqa: E402
 
@@ -208,19 +210,26 @@ def main(argv: list[str] | None = None) -> None:
     for name, folder in splits.items():
         list_file = out / LIST_NAMES[name]
         paths = [str(folder / clip.relative) for clip in found[name]]
-        bars = []  # made on the first call: probe_videos reports only the videos not in its cache
+        bars = []  # made on the first call: only the videos the index does not hold are probed
 
         def show(done: int, total: int) -> None:
             if not bars:
                 bars.append(progress_bar(f"probe {name}", total, "video"))
             bars[0].update(done - bars[0].n)
 
-        _, failures = probe_videos(paths, f"{list_file}.probe.json", args.workers, progress=show)
+        # Probed before the list exists (it lists the usable clips only); a rerun reuses the index's entries.
+        results = unchanged_entries(index_file(list_file), paths)
+        infos, failures = probe_videos([p for p in paths if p not in results], args.workers, progress=show)
+        results.update(infos)
+        results.update(failures)
+        failures = {p: r for p, r in results.items() if isinstance(r, str)}
         for bar in bars:
             bar.close()
         problems[name] += [(Path(p).relative_to(folder).as_posix(), reason) for p, reason in failures.items()]
         kept = [clip for clip, path in zip(found[name], paths) if path not in failures]
         list_file.write_text("".join(f"{clip.relative} {index[clip.class_name]}\n" for clip in kept))
+        prepare_index(str(list_file), str(folder), len(class_names), index_file(list_file), args.workers,
+                      known=results)
         usable[name] = len(kept)
         print(f"{name}: {len(kept)} usable clips -> {list_file} ({len(problems[name])} left out)", file=sys.stderr)
     (out / "class_names.txt").write_text("".join(f"{name}\n" for name in class_names))
