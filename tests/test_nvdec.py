@@ -199,7 +199,7 @@ def test_routed_samples_are_decoded_in_their_branch_and_merged_in_order(videos, 
     list_file = write_list(tmp_path, [(videos[n], k) for k, n in enumerate(names)])
     loader = VideoLoader(data_config(list_file), mode, batch_size=4, num_classes=4, views=(2, 1))
     assert loader.spec.decode_on_cpu is None  # the CPU loader routes nothing
-    routed_spec = dataclasses.replace(loader.spec, decode_on_cpu=route)
+    routed_spec = dataclasses.replace(loader.spec, decode_on_cpu=np.packbits(route).tobytes())
     source = BatchSource(routed_spec, 0, 0)
     flags = [bool(source.sample(k, 0)[-1]) for k in range(4)]
     assert flags == list(route)  # the source's last column is the video's flag
@@ -217,14 +217,14 @@ def test_on_a_gpu_auto_decodes_small_vp9_on_the_cpu_and_gpu_refuses_it(videos, h
     256x192 H.264; data.decode_device=gpu stops at start-up with one line."""
     import logging
 
-    from dali_pipes.loader import LoaderError, VideoLoader
+    from dali_pipes.loader import LoaderError, VideoLoader, decode_on_cpu
     from test_loader import data_config, frame_indices, write_list
 
     list_file = write_list(tmp_path, [(videos["long_webm"], 0), (h264_k400_size, 1)])
     with caplog.at_level(logging.INFO, logger="dali_pipes.loader"):
         loader = VideoLoader(data_config(list_file, decode_device="auto", clip_len=4, frame_interval=1), "val",
                              batch_size=2, num_classes=2, device_id=0)
-    assert loader.spec.decode_on_cpu == (True, False)
+    assert decode_on_cpu(loader.spec).tolist() == [True, False]
     assert "1 of 2 videos are decoded by DALI's CPU decoder" in caplog.text
     batch = next(iter(loader))
     assert batch.clips.is_cuda and batch.clips.shape[0] == 2
@@ -240,7 +240,7 @@ def test_on_a_gpu_auto_decodes_vp9_with_hidden_frames_on_the_cpu(tmp_path, caplo
     CPU decoder (its NVDEC numbering is unproven), says so, and the frames are the sampled ones."""
     import logging
 
-    from dali_pipes.loader import VideoLoader
+    from dali_pipes.loader import VideoLoader, decode_on_cpu
     from dali_pipes.sampling import sample_frames
     from test_loader import data_config, frame_indices, write_list
     from test_probe import write_alt_ref_clip
@@ -252,7 +252,7 @@ def test_on_a_gpu_auto_decodes_vp9_with_hidden_frames_on_the_cpu(tmp_path, caplo
         loader = VideoLoader(data_config(list_file, decode_device="auto", clip_len=4, frame_interval=4,
                                          short_side=192, val_crop=192, test_crop=192), "val", batch_size=1,
                              num_classes=1, device_id=0)
-    assert loader.spec.decode_on_cpu == (True,)
+    assert decode_on_cpu(loader.spec).tolist() == [True]
     assert "hidden (alt-ref) frames: NVDEC's frame numbering of those is unproven" in caplog.text
     (batch,) = list(loader)
     assert batch.clips.is_cuda
