@@ -16,6 +16,7 @@ import platform
 import random
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,9 @@ DIST_TIMEOUT_ENV = "R2P1D_DIST_TIMEOUT_S"  # collective timeout of the process g
 # closed connection), so this bound only matters for a prober stuck on a hung file system.
 PROBE_WAIT_TIMEOUT = datetime.timedelta(hours=24)
 PROBE_LOG_INTERVAL_S = 30.0  # rank 0 logs the probe's progress this often
+GENERATION_PREFIX = "r2p1d_generation"  # store keys of init_distributed's per-start handshake
+GENERATION_POLL_S = 1.0  # how long a rank waits for rank 0's acknowledgement before it reads the generation again
+DEFAULT_PG_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for gloo; bounds the start-up handshake
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    generation: int = 0  # starts of the job's process group so far, this one included (0: no process group)
 
     @property
     def distributed(self) -> bool:
@@ -79,13 +84,61 @@ def init_distributed() -> DistContext:
                                f"start at most that many processes per node (torchrun --nproc-per-node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    generation = 0
     if world_size > 1 and not dist.is_initialized():
         timeout = _dist_timeout()
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device, timeout=timeout)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
-    return DistContext(rank, world_size, local_rank, device)
+        store, generation = _generation_store(rank, world_size, timeout or DEFAULT_PG_TIMEOUT)
+        backend = dict(device_id=device, backend="nccl") if device.type == "cuda" else dict(backend="gloo")
+        dist.init_process_group(store=store, rank=rank, world_size=world_size, timeout=timeout, **backend)
+    return DistContext(rank, world_size, local_rank, device, generation)
+
+
+def _generation_store(rank: int, world_size: int, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT) under a prefix no earlier start of this job wrote to.
+
+    torchrun (torch >= 2.4) keeps one store for all restarts of a job (`--max-restarts`): the process group of a
+    restarted worker would read the addresses its dead predecessors left there and wait on them (the gloo
+    connection fails or hangs). TORCHELASTIC_RESTART_COUNT cannot name a fresh prefix: each node's agent counts its
+    own restarts (a node whose workers did not fail restarts them without counting), so the nodes disagree.
+    Instead rank 0 takes the next generation number from a counter in the store, and every other rank learns it
+    through a handshake only the live rank 0 answers: it posts a random token under the generation it reads and
+    waits for rank 0 to acknowledge that token; a number left by an earlier start is never acknowledged (its rank
+    0 is gone), so the rank reads again. Returns the store prefixed by the generation, and the generation (1 for
+    a job's first start).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    current = f"{GENERATION_PREFIX}/current"
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        generation = store.add(f"{GENERATION_PREFIX}/counter", 1)
+        store.set(current, str(generation))
+        for other in range(1, world_size):
+            hello = f"{GENERATION_PREFIX}/{generation}/hello/{other}"
+            store.wait([hello], timeout)
+            store.set(f"{GENERATION_PREFIX}/{generation}/welcome/{store.get(hello).decode()}", "1")
+    else:
+        token = uuid.uuid4().hex
+        while True:
+            generation = int(store.get(current))  # blocks until rank 0 of the first start has set it
+            store.set(f"{GENERATION_PREFIX}/{generation}/hello/{rank}", token)
+            if _wait_for_key(store, f"{GENERATION_PREFIX}/{generation}/welcome/{token}", GENERATION_POLL_S):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {rank}: rank 0 did not join the process group at MASTER_ADDR "
+                                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                                   f"{timeout.total_seconds():.0f} s; check that rank 0's process started "
+                                   f"(its log), or raise {DIST_TIMEOUT_ENV}")
+    return dist.PrefixStore(f"{GENERATION_PREFIX}/{generation}/pg", store), generation
+
+
+def _wait_for_key(store: dist.Store, key: str, timeout_s: float) -> bool:
+    """Whether `key` appears in `store` within timeout_s (polled: a timed-out store.wait logs a C++ warning)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _dist_timeout() -> datetime.timedelta | None:
