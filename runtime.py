@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
 import uuid
@@ -162,7 +164,11 @@ def teardown_distributed() -> None:
 
 
 def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
-    """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line."""
+    """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line.
+
+    Ctrl-C outside train.py's training loop (where StopRequests handles it) ends the process with one line too,
+    from rank 0 only, and the exit code 130 (stop_exit_code).
+    """
     try:
         ctx = init_distributed()
         try:
@@ -171,6 +177,55 @@ def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
             teardown_distributed()
     except (ConfigError, CheckpointError, ListError, LoaderError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("stopped by SIGINT (Ctrl-C); nothing saved", file=sys.stderr)
+        sys.exit(stop_exit_code(signal.SIGINT))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers' preemption, Ctrl-C, SLURM --signal
+
+
+def stop_exit_code(signum: int) -> int:
+    """The exit code of a process that a stop signal ended: 128 + its number (SIGTERM 143, SIGINT 130, SIGUSR1
+    138), the shell's convention for a process a signal ended, so schedulers and scripts read it as such."""
+    return 128 + int(signum)
+
+
+class StopRequests:
+    """SIGTERM, SIGINT and SIGUSR1 turned into a stop that every process makes after the same training step.
+
+    Schedulers preempt with SIGTERM (Kubernetes, SLURM at the end) or a chosen signal ahead of time (SLURM
+    `--signal=USR1@120`); torchrun forwards SIGTERM and SIGINT (and SIGUSR1 with `--signals-to-handle`) to its
+    workers; Ctrl-C sends SIGINT to every process of the terminal. The handler only notes the signal (no logging:
+    it may run while the logging lock is held); the training loop calls requested() after each step, which
+    all-reduces the noted signal over the processes, because they receive it at different steps and must all stop
+    after the same one. On GPUs the reduction runs in a gloo group of its own, so it does not wait for the GPU.
+    Construct it on every rank (on GPUs it makes a group, a collective); close() gives the signals back.
+    """
+
+    def __init__(self, ctx: DistContext):
+        self.noted = 0  # the first signal this process received, 0: none
+        self.signum = 0  # the signal all processes agreed to stop for, 0: none yet
+        self.group = None
+        if ctx.distributed and ctx.device.type == "cuda":
+            self.group = dist.new_group(backend="gloo")
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.noted = self.noted or signum
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """Whether any process received a stop signal; the same answer on every process (a collective)."""
+        flag = torch.tensor([self.noted], dtype=torch.int64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flag.item())
+        return self.signum != 0
 
 
 def is_main_process() -> bool:
@@ -402,15 +457,20 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricLog:
     """Rank 0's scalar outputs in the work dir: TensorBoard event files and scalars.jsonl, one JSON object a line.
 
-    `tensorboard --logdir WORK_DIR` shows the scalars; a resumed run purges the events after its start step, so
-    the curves of the interrupted run and the resumed one do not overlap.
+    `tensorboard --logdir WORK_DIR` shows the scalars. A run that starts at iteration `start_step` (a resume, or 0)
+    first drops what an earlier run logged after that step, which the new run logs again: scalars.jsonl loses
+    its lines with a larger step (rewritten atomically), and the event files are read with those steps purged
+    (SummaryWriter's purge_step, which drops the events with step >= purge_step: start_step + 1, so the points at
+    start_step itself, such as the last epoch's validation, are kept).
     """
 
-    def __init__(self, work_dir: Path, purge_step: int | None = None):
+    def __init__(self, work_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(work_dir), purge_step=purge_step)
-        self.jsonl = open(Path(work_dir) / "scalars.jsonl", "a")
+        self.writer = SummaryWriter(log_dir=str(work_dir), purge_step=start_step + 1)
+        path = Path(work_dir) / "scalars.jsonl"
+        _drop_lines_after(path, start_step)
+        self.jsonl = open(path, "a")
 
     def add_scalars(self, scalars: dict[str, float], step: int, **fields: Any) -> None:
         """Writes each scalar under its tag (e.g. train/loss) and one JSON line with `fields`, step and scalars."""
@@ -425,3 +485,29 @@ class MetricLog:
     def close(self) -> None:
         self.writer.close()
         self.jsonl.close()
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrites scalars.jsonl without its lines whose step exceeds `step` (temporary file, then a rename)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _jsonl_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    log.info("%s: dropped %d lines after step %d, which this run logs again", path.name, len(lines) - len(kept),
+             step)
+
+
+def _jsonl_step(line: str) -> float:
+    """The step of a scalars.jsonl line; infinite (dropped) for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

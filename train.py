@@ -5,6 +5,7 @@
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         train.py --config k400_32x2x1.yaml --auto-scale-lr                     # 2 machines, run on each
     python train.py --config k400_8x8x1.yaml --resume auto                     # continue after a stop or a crash
+    torchrun --nproc-per-node 8 --max-restarts 3 train.py --config k400_8x8x1.yaml --resume auto  # restart dead workers
 
 SGD (lr, momentum, weight decay from the config; `--auto-scale-lr`: lr x total batch / 64), gradient clipping,
 a per-epoch cosine schedule without warm-up, validation every train.val_interval epochs with BN buffers averaged
@@ -12,6 +13,12 @@ over the processes first. On a GPU: bf16 autocast (or fp16 with a grad scaler), 
 step, cuDNN autotuning; on a CPU the same code in fp32. Outputs in the work dir (default work_dirs/<config
 stem>): config.yaml, latest.pth, epoch_<n>.pth, best_acc_top1_epoch_<n>.pth, <timestamp>.log, scalars.jsonl and
 TensorBoard event files (`tensorboard --logdir work_dirs/k400_8x8x1`).
+
+Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 to the process, or to torchrun (which forwards SIGTERM and SIGINT,
+and SIGUSR1 with `--signals-to-handle SIGTERM,SIGINT,SIGUSR1`), makes every process finish its current step;
+rank 0 writes latest.pth at that iteration, logs one line saying where it stopped, and every process exits with
+128 + the signal's number (SIGTERM 143, SIGINT 130, SIGUSR1 138). A signal during an epoch's last step or its
+validation stops after the epoch's own checkpoint. `--resume auto` continues from there.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import inspect
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,15 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import (Progress, config_differences, find_latest_checkpoint, remove_stale_temp_files,
-                         restore_training_state, training_checkpoint, write_checkpoint_files)
+from checkpoints import (LATEST_NAME, Progress, config_differences, find_latest_checkpoint, process_state,
+                         remove_stale_temp_files, restore_process_state, restore_training_state, training_checkpoint,
+                         write_checkpoint_files)
 from config import Config, ConfigError, add_config_arguments, format_config, load_config, save_config
 from evaluate import EvalResult, evaluate
 from model import build_model, convert_sync_batchnorm, load_checkpoint
-from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, amp_dtype, barrier, build_video_loader,
-                     configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
-                     log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
-                     seed_everything, set_rng_state, run_command, setup_logging, sync_buffers)
+from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, StopRequests, amp_dtype, barrier,
+                     build_video_loader, configure_determinism, default_work_dir, environment_info, format_duration,
+                     gather_objects, log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
+                     seed_everything, set_rng_state, run_command, setup_logging, stop_exit_code, sync_buffers)
 
 log = logging.getLogger("train")
 
@@ -135,6 +144,8 @@ class EpochStats:
     data_wait_pct: float = 0.0  # share of the step time spent waiting for the loader
     seconds: float = 0.0
     iterations: int = 0  # global optimizer steps after this epoch
+    batches_done: int = 0  # batches of the epoch trained, those of an earlier run included
+    stopped: bool = False  # a stop was requested: the epoch ended after batches_done batches
 
 
 # Per-process sums kept on the device between log lines, so no step waits for the GPU: loss x clips, top-1 hits,
@@ -147,13 +158,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     scaler: torch.amp.GradScaler | None = None, clip_grad: float = 0.0, start_batch: int = 0,
                     iteration: int = 0, log_interval: int = 20, metrics: MetricLog | None = None,
                     checkpoint_every_iters: int = 0, on_checkpoint: Callable[[int, int], None] | None = None,
-                    ) -> EpochStats:
+                    should_stop: Callable[[], bool] | None = None) -> EpochStats:
     """Trains on what `loader` yields for epoch `epoch` (0-based), which resumes at batch `start_batch`.
 
     `loader` yields objects with .clips (B*V, 3, T, H, W) normalised, rows grouped per video, and .labels (B,)
     int64; each of a video's V views is a training sample with the video's label. Every `log_interval` batches
     (and at the last) the numbers are summed over all processes and logged; every `checkpoint_every_iters`
     batches of the epoch, except the last, on_checkpoint(batches_done, iteration) is called on every process.
+    After every batch but the last, should_stop() (the same answer on every process) may end the epoch there
+    (stopped=True).
     """
     model.train()
     window = torch.zeros(_DEVICE_SUMS, device=device, dtype=torch.float64)
@@ -229,6 +242,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             window_clips = window_steps = 0
             window_wait = 0.0
             window_start = time.perf_counter()
+        if not last and should_stop is not None and should_stop():
+            break  # the caller saves at this step (the periodic checkpoint would be the same file)
         if checkpoint_every_iters and on_checkpoint and (batch_idx + 1) % checkpoint_every_iters == 0 and not last:
             write_start = time.perf_counter()
             on_checkpoint(batch_idx + 1, iteration)
@@ -236,7 +251,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     rates = _rates(epoch_totals)
     return EpochStats(loss=rates["loss"], top1=rates["top1"], top5=rates["top5"], grad_norm=rates["grad_norm"],
                       clips_per_s=rates["clips_per_s"], data_wait_pct=rates["data_wait_pct"],
-                      seconds=time.perf_counter() - epoch_start, iterations=iteration)
+                      seconds=time.perf_counter() - epoch_start, iterations=iteration, batches_done=batch_idx + 1,
+                      stopped=batch is not None)
 
 
 def _rates(totals: torch.Tensor) -> dict[str, float]:
@@ -261,18 +277,23 @@ def validation_due(epoch: int, cfg: Config) -> bool:
 def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
         train_loader, val_loader, *, cfg: Config, ctx: DistContext, work_dir: Path, progress: Progress,
         autocast_dtype: torch.dtype | None = None, metrics: MetricLog | None = None, lr_scale: float = 1.0,
-        ) -> Progress:
+        stop: StopRequests | None = None) -> Progress:
     """Runs the epochs from `progress` to train.epochs: train, step the schedule, sync BN buffers, validate, save.
 
     `model` is the bare recognizer (saved, validated, its buffers synced); `train_model` is what the steps run
-    (model itself, or it wrapped in DDP and/or torch.compile). `val_loader` None: no validation.
+    (model itself, or it wrapped in DDP and/or torch.compile). `val_loader` None: no validation. With `stop`,
+    a stop signal ends training after the current step (or after the epoch's checkpoint, in its last step or its
+    validation) with a checkpoint there; stop.signum then names the signal.
     """
     num_batches = len(train_loader)
 
     def save(state: Progress, keep_epoch: int | None = None, best_epoch: int | None = None) -> None:
-        rng = gather_objects(rng_state())  # every rank's generators, so a resume continues each of them
+        # Every rank's generators and own state (BN statistics mid-epoch, loader position), so a resume continues
+        # each process from its own.
+        ranks = gather_objects((rng_state(), process_state(model, state, ctx.rank, ctx.world_size)))
         if ctx.is_main:
-            ckpt = training_checkpoint(model, optimizer, scheduler, scaler, cfg=cfg, progress=state, rng=rng,
+            ckpt = training_checkpoint(model, optimizer, scheduler, scaler, cfg=cfg, progress=state,
+                                       rng=[rng for rng, _ in ranks], ranks=[own for _, own in ranks],
                                        world_size=ctx.world_size, experiment_name=work_dir.name, lr_scale=lr_scale)
             written = write_checkpoint_files(work_dir, ckpt, keep_epoch=keep_epoch, best_epoch=best_epoch)
             log.info("saved %s", ", ".join(p.name for p in written))
@@ -288,7 +309,12 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
                                 num_batches=num_batches, device=ctx.device, autocast_dtype=autocast_dtype,
                                 scaler=scaler, clip_grad=cfg.train.clip_grad, start_batch=progress.batches_done,
                                 iteration=progress.iteration, log_interval=cfg.train.log_interval, metrics=metrics,
-                                checkpoint_every_iters=cfg.train.checkpoint_every_iters, on_checkpoint=on_checkpoint)
+                                checkpoint_every_iters=cfg.train.checkpoint_every_iters, on_checkpoint=on_checkpoint,
+                                should_stop=stop.requested if stop is not None else None)
+        if stats.stopped:
+            progress = Progress(epoch, stats.batches_done, stats.iterations, progress.best_top1, progress.best_epoch)
+            save(progress)
+            return progress
         scheduler.step()
         sync_buffers(model)
         progress = Progress(epoch + 1, 0, stats.iterations, progress.best_top1, progress.best_epoch)
@@ -307,6 +333,8 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
         interval = cfg.train.checkpoint_interval
         keep_epoch = epoch + 1 if interval and (epoch + 1) % interval == 0 else None
         save(progress, keep_epoch=keep_epoch, best_epoch=best_epoch)
+        if stop is not None and epoch + 1 < cfg.train.epochs and stop.requested():
+            return progress
     return progress
 
 
@@ -327,6 +355,7 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     Call it last before fit(): it leaves this rank's random generators exactly as they were when it was saved.
     """
     ckpt = load_checkpoint(model, path)
+    restored = restore_process_state(ckpt, path, model, rank=ctx.rank, world_size=ctx.world_size)
     for difference in config_differences(ckpt.get("config", {}), cfg):
         log.warning("%s: config differs from the checkpoint's, using the current value: %s", path, difference)
     progress, rng = restore_training_state(ckpt, path, optimizer, scheduler, scaler,
@@ -337,10 +366,13 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     if rng is not None:
         set_rng_state(rng[ctx.rank])
+        restored += "; random generators: each process its own"
     else:
         seed_everything(cfg.train.seed + ctx.rank + progress.iteration)
+        restored += "; random generators: re-seeded from train.seed + rank + iteration"
     log.info("resumed from %s: %d epochs and %d batches done, iteration %d, lr %.4g", path, progress.epoch,
              progress.batches_done, progress.iteration, optimizer.param_groups[0]["lr"])
+    log.info("per-process state: %s", restored)
     return progress
 
 
@@ -414,16 +446,24 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
         log.info("all %d epochs are done already (%s)", cfg.train.epochs, resume_path)
         return
 
-    metrics = MetricLog(work_dir, purge_step=progress.iteration) if ctx.is_main else None
+    metrics = MetricLog(work_dir, start_step=progress.iteration) if ctx.is_main else None
+    stop = StopRequests(ctx)
     try:
         if metrics is not None:
             metrics.add_text("config", "    " + format_config(cfg).replace("\n", "\n    "))
         progress = fit(model, train_model, optimizer, scheduler, scaler, train_loader, val_loader, cfg=cfg, ctx=ctx,
                        work_dir=work_dir, progress=progress, autocast_dtype=autocast_dtype, metrics=metrics,
-                       lr_scale=lr_scale)
+                       lr_scale=lr_scale, stop=stop)
     finally:
+        stop.close()
         if metrics is not None:
             metrics.close()
+    if stop.signum:
+        where = f"in epoch {progress.epoch + 1} after batch {progress.batches_done}/{len(train_loader)}" \
+            if progress.batches_done else f"after epoch {progress.epoch}"
+        log.info("stopped by %s %s (iteration %d), saved %s; to continue, run the same command with --resume auto",
+                 signal.Signals(stop.signum).name, where, progress.iteration, work_dir / LATEST_NAME)
+        raise SystemExit(stop_exit_code(stop.signum))
     best = f"best val top1 {progress.best_top1:.4f} at epoch {progress.best_epoch}" if progress.best_epoch else \
         "no validation"
     log.info("training done: %d epochs, %d iterations, %s; checkpoints in %s", progress.epoch, progress.iteration,
