@@ -223,8 +223,11 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, optimizer: torch.op
     return progress, rng
 
 
-def process_state(model: nn.Module, progress: Progress, rank: int, world_size: int) -> dict[str, Any]:
-    """This process's own part of a checkpoint, besides its RNG: BN running statistics and loader position.
+def process_state(model: nn.Module, progress: Progress, rank: int, world_size: int,
+                  epoch_sums: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This process's own part of a checkpoint, besides its RNG: BN running statistics, loader position and the
+    metric sums of the epoch so far (`epoch_sums`, from train_one_epoch, for a mid-epoch checkpoint: the resumed
+    epoch then logs the numbers of the uninterrupted one).
 
     `bn_buffers` (the floating-point buffers, as sync_buffers averages them) only in a mid-epoch checkpoint of
     several processes: at an epoch's end they are averaged, the same on every rank, and `state_dict` has them.
@@ -234,28 +237,32 @@ def process_state(model: nn.Module, progress: Progress, rank: int, world_size: i
     buffers = {}
     if world_size > 1 and progress.batches_done:
         buffers = {name: b.detach().cpu().clone() for name, b in model.named_buffers() if b.is_floating_point()}
-    return {"bn_buffers": buffers, "loader": {"epoch": progress.epoch, "start_batch": progress.batches_done,
-                                              "shard_id": rank, "num_shards": world_size}}
+    return {"bn_buffers": buffers, "epoch_sums": epoch_sums if progress.batches_done else None,
+            "loader": {"epoch": progress.epoch, "start_batch": progress.batches_done, "shard_id": rank,
+                       "num_shards": world_size}}
 
 
 def restore_process_state(ckpt: dict[str, Any], path: Path, model: nn.Module, *, rank: int,
-                          world_size: int) -> str:
-    """Loads this rank's BN running statistics from a checkpoint's `ranks`; returns what was restored, for the log.
+                          world_size: int) -> tuple[str, dict[str, Any] | None]:
+    """Loads this rank's BN running statistics from a checkpoint's `ranks`; returns what was restored (for the
+    log) and this rank's metric sums of the interrupted epoch (None: none saved, or another process count).
 
     With another process count than the checkpoint's, every rank keeps rank 0's statistics (from `state_dict`,
     already loaded): the saved processes' shards and batches do not map onto the new ones.
     """
     ranks = ckpt.get("ranks") or []
     saved_by = len(ranks) or ckpt["sampler"]["world_size"]
-    if not any(r["bn_buffers"] for r in ranks):
+    if saved_by != world_size:
+        if ckpt["progress"]["batches_done"] and saved_by > 1:
+            return (f"BN statistics: rank 0's for every process (saved mid-epoch by {saved_by} processes, each "
+                    f"with its own, now {world_size})"), None
+        return "BN statistics: the checkpoint's", None
+    own = ranks[rank] if ranks else {"bn_buffers": {}, "loader": None}
+    if not own["bn_buffers"]:
         if saved_by > 1 and ckpt["progress"]["batches_done"]:
             return (f"BN statistics: rank 0's for every process ({path} is a mid-epoch checkpoint without "
-                    f"per-process statistics, written before they were saved)")
-        return "BN statistics: the checkpoint's (averaged over the processes at the epoch's end)"
-    if saved_by != world_size:
-        return (f"BN statistics: rank 0's for every process (saved mid-epoch by {saved_by} processes, each with "
-                f"its own, now {world_size})")
-    own = ranks[rank]
+                    f"per-process statistics, written before they were saved)"), own.get("epoch_sums")
+        return "BN statistics: the checkpoint's (the same on every process)", own.get("epoch_sums")
     loader = own["loader"]
     if (loader["shard_id"], loader["num_shards"], loader["epoch"], loader["start_batch"]) != (
             rank, world_size, ckpt["progress"]["epoch"], ckpt["progress"]["batches_done"]):
@@ -269,7 +276,7 @@ def restore_process_state(ckpt: dict[str, Any], path: Path, model: nn.Module, *,
                               f"resume with the checkpoint's model settings")
     for name, value in own["bn_buffers"].items():
         buffers[name].copy_(value)
-    return f"BN statistics: each of the {world_size} processes its own"
+    return f"BN statistics: each of the {world_size} processes its own", own.get("epoch_sums")
 
 
 def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:

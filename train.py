@@ -146,6 +146,7 @@ class EpochStats:
     iterations: int = 0  # global optimizer steps after this epoch
     batches_done: int = 0  # batches of the epoch trained, those of an earlier run included
     stopped: bool = False  # a stop was requested: the epoch ended after batches_done batches
+    sums: dict | None = None  # after a stop: this process's metric sums so far, for the checkpoint
 
 
 # Per-process sums kept on the device between log lines, so no step waits for the GPU: loss x clips, top-1 hits,
@@ -157,16 +158,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     num_batches: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None, clip_grad: float = 0.0, start_batch: int = 0,
                     iteration: int = 0, log_interval: int = 20, metrics: MetricLog | None = None,
-                    checkpoint_every_iters: int = 0, on_checkpoint: Callable[[int, int], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> EpochStats:
+                    checkpoint_every_iters: int = 0, on_checkpoint: Callable[[int, int, dict], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None, sums: dict | None = None) -> EpochStats:
     """Trains on what `loader` yields for epoch `epoch` (0-based), which resumes at batch `start_batch`.
 
     `loader` yields objects with .clips (B*V, 3, T, H, W) normalised, rows grouped per video, and .labels (B,)
     int64; each of a video's V views is a training sample with the video's label. Every `log_interval` batches
     (and at the last) the numbers are summed over all processes and logged; every `checkpoint_every_iters`
-    batches of the epoch, except the last, on_checkpoint(batches_done, iteration) is called on every process.
-    After every batch but the last, should_stop() (the same answer on every process) may end the epoch there
-    (stopped=True).
+    batches of the epoch, except the last, on_checkpoint(batches_done, iteration, sums) is called on every
+    process. After every batch but the last, should_stop() (the same answer on every process) may end the epoch
+    there (stopped=True). `sums` (this process's metric sums of the epoch so far, for its checkpoint; in
+    EpochStats.sums after a stop) resume the epoch's log lines and totals as if it had not been interrupted.
     """
     model.train()
     window = torch.zeros(_DEVICE_SUMS, device=device, dtype=torch.float64)
@@ -175,6 +177,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     window_clips = window_steps = 0
     window_wait = 0.0
     epoch_start = window_start = time.perf_counter()
+    if sums is not None:  # a resumed epoch: the sums of its batches before the checkpoint
+        window += sums["window"].to(device)
+        window_clips, window_steps, window_wait = sums["window_clips"], sums["window_steps"], sums["window_wait_s"]
+        window_start -= sums["window_s"]
+        epoch_totals += sums["epoch_totals"]
+
+    def current_sums() -> dict:
+        return {"window": window.cpu().clone(), "window_clips": window_clips, "window_steps": window_steps,
+                "window_wait_s": window_wait, "window_s": time.perf_counter() - window_start,
+                "epoch_totals": epoch_totals.clone()}
     batch_idx = start_batch - 1
     batches = iter(loader)
     while True:
@@ -246,13 +258,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             break  # the caller saves at this step (the periodic checkpoint would be the same file)
         if checkpoint_every_iters and on_checkpoint and (batch_idx + 1) % checkpoint_every_iters == 0 and not last:
             write_start = time.perf_counter()
-            on_checkpoint(batch_idx + 1, iteration)
+            on_checkpoint(batch_idx + 1, iteration, current_sums())
             window_start += time.perf_counter() - write_start  # writing a checkpoint is not training time
     rates = _rates(epoch_totals)
     return EpochStats(loss=rates["loss"], top1=rates["top1"], top5=rates["top5"], grad_norm=rates["grad_norm"],
                       clips_per_s=rates["clips_per_s"], data_wait_pct=rates["data_wait_pct"],
                       seconds=time.perf_counter() - epoch_start, iterations=iteration, batches_done=batch_idx + 1,
-                      stopped=batch is not None)
+                      stopped=batch is not None, sums=current_sums() if batch is not None else None)
 
 
 def _rates(totals: torch.Tensor) -> dict[str, float]:
@@ -277,20 +289,22 @@ def validation_due(epoch: int, cfg: Config) -> bool:
 def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
         train_loader, val_loader, *, cfg: Config, ctx: DistContext, work_dir: Path, progress: Progress,
         autocast_dtype: torch.dtype | None = None, metrics: MetricLog | None = None, lr_scale: float = 1.0,
-        stop: StopRequests | None = None) -> Progress:
+        stop: StopRequests | None = None, sums: dict | None = None) -> Progress:
     """Runs the epochs from `progress` to train.epochs: train, step the schedule, sync BN buffers, validate, save.
 
     `model` is the bare recognizer (saved, validated, its buffers synced); `train_model` is what the steps run
     (model itself, or it wrapped in DDP and/or torch.compile). `val_loader` None: no validation. With `stop`,
     a stop signal ends training after the current step (or after the epoch's checkpoint, in its last step or its
-    validation) with a checkpoint there; stop.signum then names the signal.
+    validation) with a checkpoint there; stop.signum then names the signal. `sums`: what resume_training
+    returned with `progress`, the metric sums of its epoch so far.
     """
     num_batches = len(train_loader)
 
-    def save(state: Progress, keep_epoch: int | None = None, best_epoch: int | None = None) -> None:
-        # Every rank's generators and own state (BN statistics mid-epoch, loader position), so a resume continues
-        # each process from its own.
-        ranks = gather_objects((rng_state(), process_state(model, state, ctx.rank, ctx.world_size)))
+    def save(state: Progress, keep_epoch: int | None = None, best_epoch: int | None = None,
+             epoch_sums: dict | None = None) -> None:
+        # Every rank's generators and own state (BN statistics and metric sums mid-epoch, loader position), so a
+        # resume continues each process from its own.
+        ranks = gather_objects((rng_state(), process_state(model, state, ctx.rank, ctx.world_size, epoch_sums)))
         if ctx.is_main:
             ckpt = training_checkpoint(model, optimizer, scheduler, scaler, cfg=cfg, progress=state,
                                        rng=[rng for rng, _ in ranks], ranks=[own for _, own in ranks],
@@ -301,8 +315,9 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
     for epoch in range(progress.epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch, start_batch=progress.batches_done)
 
-        def on_checkpoint(batches_done: int, iteration: int, epoch: int = epoch, best: Progress = progress) -> None:
-            save(Progress(epoch, batches_done, iteration, best.best_top1, best.best_epoch))
+        def on_checkpoint(batches_done: int, iteration: int, epoch_sums: dict, epoch: int = epoch,
+                          best: Progress = progress) -> None:
+            save(Progress(epoch, batches_done, iteration, best.best_top1, best.best_epoch), epoch_sums=epoch_sums)
 
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(train_model, train_loader, optimizer, epoch=epoch, epochs=cfg.train.epochs,
@@ -310,10 +325,12 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
                                 scaler=scaler, clip_grad=cfg.train.clip_grad, start_batch=progress.batches_done,
                                 iteration=progress.iteration, log_interval=cfg.train.log_interval, metrics=metrics,
                                 checkpoint_every_iters=cfg.train.checkpoint_every_iters, on_checkpoint=on_checkpoint,
-                                should_stop=stop.requested if stop is not None else None)
+                                should_stop=stop.requested if stop is not None else None,
+                                sums=sums if progress.batches_done else None)
+        sums = None
         if stats.stopped:
             progress = Progress(epoch, stats.batches_done, stats.iterations, progress.best_top1, progress.best_epoch)
-            save(progress)
+            save(progress, epoch_sums=stats.sums)
             return progress
         scheduler.step()
         sync_buffers(model)
@@ -349,13 +366,15 @@ def _log_validation(result: EvalResult, epoch: int, progress: Progress, metrics:
 
 
 def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, *,
-                    cfg: Config, ctx: DistContext) -> Progress:
+                    cfg: Config, ctx: DistContext) -> tuple[Progress, dict | None]:
     """Loads a training checkpoint into the bare model, optimizer, scheduler and scaler, and restores the RNGs.
 
-    Call it last before fit(): it leaves this rank's random generators exactly as they were when it was saved.
+    Returns the progress and this process's metric sums of the interrupted epoch (None where there are none), for
+    fit(). Call it last before fit(): it leaves this rank's random generators exactly as they were when it was
+    saved.
     """
     ckpt = load_checkpoint(model, path)
-    restored = restore_process_state(ckpt, path, model, rank=ctx.rank, world_size=ctx.world_size)
+    restored, sums = restore_process_state(ckpt, path, model, rank=ctx.rank, world_size=ctx.world_size)
     for difference in config_differences(ckpt.get("config", {}), cfg):
         log.warning("%s: config differs from the checkpoint's, using the current value: %s", path, difference)
     progress, rng = restore_training_state(ckpt, path, optimizer, scheduler, scaler,
@@ -373,7 +392,7 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     log.info("resumed from %s: %d epochs and %d batches done, iteration %d, lr %.4g", path, progress.epoch,
              progress.batches_done, progress.iteration, optimizer.param_groups[0]["lr"])
     log.info("per-process state: %s", restored)
-    return progress
+    return progress, sums if progress.batches_done else None
 
 
 def run(args: argparse.Namespace, ctx: DistContext) -> None:
@@ -430,13 +449,13 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     if cfg.model.compile:
         train_model = torch.compile(train_model)
 
-    progress = Progress()
+    progress, sums = Progress(), None
     # Rank 0's view of the work dir decides for all, so no rank starts from scratch while the others resume.
     resume_path = gather_objects(find_latest_checkpoint(work_dir) if args.resume == "auto" else args.resume)[0]
     if args.resume == "auto" and resume_path is None:
         log.info("--resume auto: no checkpoint in %s, starting from scratch", work_dir)
     if resume_path is not None:
-        progress = resume_training(Path(resume_path), model, optimizer, scheduler, scaler, cfg=cfg, ctx=ctx)
+        progress, sums = resume_training(Path(resume_path), model, optimizer, scheduler, scaler, cfg=cfg, ctx=ctx)
     else:
         if find_latest_checkpoint(work_dir) is not None:
             log.warning("starting from scratch in %s, which holds checkpoints of an earlier run: they will be "
@@ -453,7 +472,7 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
             metrics.add_text("config", "    " + format_config(cfg).replace("\n", "\n    "))
         progress = fit(model, train_model, optimizer, scheduler, scaler, train_loader, val_loader, cfg=cfg, ctx=ctx,
                        work_dir=work_dir, progress=progress, autocast_dtype=autocast_dtype, metrics=metrics,
-                       lr_scale=lr_scale, stop=stop)
+                       lr_scale=lr_scale, stop=stop, sums=sums)
     finally:
         stop.close()
         if metrics is not None:
