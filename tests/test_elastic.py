@@ -19,9 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from runtime import DistContext, MetricLog, StopRequests, stop_exit_code
+from checkpoints import Progress, process_state, restore_process_state, training_checkpoint
+from config import load_config
+from model import build_model
+from runtime import DistContext, MetricLog, StopRequests, rng_state, stop_exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU even where a GPU is visible
@@ -228,6 +233,29 @@ def test_stop_requests_note_the_first_signal_and_give_the_handlers_back():
     assert stop_exit_code(signal.SIGTERM) == 143 and stop_exit_code(signal.SIGUSR1) == 138
 
 
+def _agreement_worker(rank: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        stop = StopRequests(DistContext(rank=rank, world_size=2))
+        try:
+            first = stop.requested()
+            if rank == 1:  # only rank 1 is signalled, as when a scheduler's signals reach the nodes at different steps
+                os.kill(os.getpid(), signal.SIGTERM)
+            results[rank] = (first, stop.requested(), stop.signum)
+        finally:
+            stop.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agreement_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
+        results = dict(results)
+    assert results == {0: (False, True, signal.SIGTERM), 1: (False, True, signal.SIGTERM)}
+
+
 def test_a_resumed_metric_log_keeps_each_step_once_and_the_point_at_the_resumed_step(tmp_path):
     """A run logs steps 1-8 (validation at 6) and is killed; the resume from the checkpoint at step 6 logs 7-9."""
     first = MetricLog(tmp_path)
@@ -248,3 +276,30 @@ def test_a_resumed_metric_log_keeps_each_step_once_and_the_point_at_the_resumed_
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, float(s)) for s in range(1, 7)] + [
         (s, 10.0 + s) for s in range(7, 10)]
     assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(6, 0.5)]
+
+
+def test_each_rank_resumes_its_own_bn_statistics_and_another_process_count_rank_0s():
+    """A mid-epoch checkpoint of 2 processes whose BN statistics differ, as they do before the epoch-end average."""
+    cfg = load_config(None, ["model.depth=18", "model.base_channels=8", "model.num_classes=4"])
+    models = [build_model(18, 4, 8) for _ in range(2)]
+    for rank, model in enumerate(models):
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point():
+                buffer.fill_(rank + 0.5)
+    progress = Progress(epoch=1, batches_done=3, iteration=9)
+    optimizer = torch.optim.SGD(models[0].parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    ckpt = training_checkpoint(models[0], optimizer, scheduler, None, cfg=cfg, progress=progress,
+                               rng=[rng_state(), rng_state()], world_size=2, experiment_name="t",
+                               ranks=[process_state(m, progress, rank, 2) for rank, m in enumerate(models)])
+    bn = "backbone.layer1.0.conv1.bn.running_mean"
+    fresh = build_model(18, 4, 8)
+    fresh.load_state_dict(ckpt["state_dict"])  # what model.load_checkpoint does first: rank 0's statistics
+    message, _ = restore_process_state(ckpt, Path("latest.pth"), fresh, rank=1, world_size=2)
+    assert torch.equal(fresh.state_dict()[bn], torch.full_like(fresh.state_dict()[bn], 1.5))  # rank 1's own
+    assert message == "BN statistics: each of the 2 processes its own"
+    fresh.load_state_dict(ckpt["state_dict"])
+    message, sums = restore_process_state(ckpt, Path("latest.pth"), fresh, rank=0, world_size=3)
+    assert torch.equal(fresh.state_dict()[bn], torch.full_like(fresh.state_dict()[bn], 0.5))  # rank 0's for all
+    assert "rank 0's for every process (saved mid-epoch by 2 processes, each with its own, now 3)" in message
+    assert sums is None
