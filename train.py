@@ -55,7 +55,11 @@ AUTO_SCALE_BASE_BATCH = 64  # MMAction2's auto_scale_lr.base_batch_size for thes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train R(2+1)D (MMAction2 recipe) with DALI video loading.")
+    parser = argparse.ArgumentParser(
+        description="Train R(2+1)D (MMAction2 recipe) with DALI video loading.",
+        epilog="SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop every process after its current step, with latest.pth "
+               "saved at that iteration; the exit code is then 128 + the signal's number (143, 130, 138). Continue "
+               "with --resume auto. Under torchrun --max-restarts, always pass --resume auto.")
     add_config_arguments(parser)
     parser.add_argument("--work-dir", default=None,
                         help="output folder for checkpoints and logs (default: work_dirs/<config stem>)")
