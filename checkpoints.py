@@ -5,11 +5,11 @@ A checkpoint is a dict that `torch.load(weights_only=True)` reads (tensors, numb
   iter, cfg, seed, experiment_name, time), so MMAction2 loads our weights and we load its files (model/);
 - `optimizer`, `scheduler`, `scaler`, `progress` (epoch, batches done in it, iteration, best top-1), `rng`
   (every rank's generator states), `ranks` (every rank's own state, process_state: its BatchNorm running
-  statistics in a mid-epoch checkpoint of several processes, and its loader position) and `config` (the resolved
-  config as a plain dict): what `--resume` needs to continue mid-epoch with the same sample order and schedule,
-  each process from its own state. Several processes keep their own BN statistics during an epoch (DDP does not
-  broadcast buffers; they are averaged at its end), so `state_dict` alone, which holds rank 0's, resumes a
-  mid-epoch checkpoint bit for bit only for rank 0.
+  statistics in a mid-epoch checkpoint of several processes, its metric sums of the epoch so far and its loader
+  position) and `config` (the resolved config as a plain dict): what `--resume` needs to continue mid-epoch with
+  the same sample order and schedule, each process from its own state. Several processes keep their own BN
+  statistics during an epoch (DDP does not broadcast buffers; they are averaged at its end), so `state_dict`
+  alone, which holds rank 0's, resumes a mid-epoch checkpoint bit for bit only for rank 0.
 
 Files in a work dir: `latest.pth` (rewritten at every epoch end and every train.checkpoint_every_iters
 iterations), `epoch_<n>.pth` every train.checkpoint_interval epochs, and `best_acc_top1_epoch_<n>.pth` (only the

@@ -2,8 +2,10 @@
 
 Both scripts run as one plain process (`python train.py ...`) or under torchrun, which sets RANK, WORLD_SIZE and
 LOCAL_RANK; `init_distributed` reads those and joins the process group (NCCL on GPUs, gloo on CPUs), with the
-collective timeout R2P1D_DIST_TIMEOUT_S (seconds) when that is set. Every helper here also works without a
-process group, as the single-process case of the same code.
+collective timeout R2P1D_DIST_TIMEOUT_S (seconds) when that is set, under a store prefix of its own for each start
+of the job, so workers that torchrun --max-restarts started again rendezvous cleanly. StopRequests turns SIGTERM,
+SIGINT and SIGUSR1 into a stop after the same training step on every process. Every helper here also works
+without a process group, as the single-process case of the same code.
 """
 
 from __future__ import annotations
@@ -263,6 +265,8 @@ def environment_info(ctx: DistContext) -> str:
     else:
         parts.append("device cpu (fp32)")
     parts.append(f"{ctx.world_size} process{'es' if ctx.world_size != 1 else ''}")
+    if ctx.generation > 1:
+        parts.append(f"start {ctx.generation} of this job's process group (workers restarted)")
     return ", ".join(parts)
 
 
