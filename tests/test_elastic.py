@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,12 +52,13 @@ def torchrun_command(work_dir: Path, overrides: list[str], *extra: str, launcher
 class Launcher:
     """A launcher process in a session of its own, its output in a file; kill() ends the whole session."""
 
-    def __init__(self, command: list[str], log: Path):
+    def __init__(self, command: list[str], log: Path, deadline_s: float = DEADLINE_S):
         self.log = log
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        self.deadline = time.monotonic() + DEADLINE_S
+        self.deadline_s = deadline_s
+        self.deadline = time.monotonic() + deadline_s
 
     def output(self) -> str:
         return self.log.read_text()
@@ -66,7 +68,7 @@ class Launcher:
         while not condition():
             if self.process.poll() is not None or time.monotonic() > self.deadline:
                 self.kill()
-                pytest.fail(f"{what}: not reached before the run ended or {DEADLINE_S} s passed:\n"
+                pytest.fail(f"{what}: not reached before the run ended or {self.deadline_s} s passed:\n"
                             f"{self.output()[-3000:]}")
             time.sleep(0.01)
 
@@ -75,7 +77,7 @@ class Launcher:
             return self.process.wait(timeout=max(self.deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail(f"the run did not end within {DEADLINE_S} s (a hang):\n{self.output()[-3000:]}")
+            pytest.fail(f"the run did not end within {self.deadline_s} s (a hang):\n{self.output()[-3000:]}")
 
     def kill(self) -> None:
         try:
@@ -149,6 +151,56 @@ def reference_run(motion_set, tmp_path_factory) -> Path:
     run_to_end(torchrun_command(work_dir, settings(motion_set)), work_dir.with_suffix(".log"))
     assert iteration_saved(work_dir) == EPOCHS * BATCHES
     return work_dir
+
+
+RESTART_SCRIPT = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import torch
+import torch.distributed as dist
+from runtime import init_distributed
+ctx = init_distributed()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # gloo traffic, as train.py has
+model(torch.ones(4, 2)).sum().backward()
+if ctx.generation == 1 and ctx.rank == 1:
+    os.kill(os.getpid(), 9)  # the first start's rank 1 dies; torchrun restarts the workers
+dist.barrier()
+print(f"rank {{ctx.rank}} finished in start {{ctx.generation}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["static", "c10d_two_agents"])
+def test_restarted_workers_join_a_fresh_process_group(rendezvous, tmp_path):
+    """No project code but init_distributed: torch's agents keep one store for all restarts, and without a fresh
+    prefix the new workers read the dead ones' addresses (static: a hang; c10d: 'Connection refused'). Two agents
+    of one c10d rendezvous (as two nodes) disagree on TORCHELASTIC_RESTART_COUNT: only rank 1's agent counts the
+    restart."""
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART_SCRIPT.format(repo=str(REPO)))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=1"]
+    if rendezvous == "static":
+        commands = [torchrun + ["--nnodes=1", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                                f"--master-port={free_port()}", str(script)]]
+    else:
+        endpoint = f"--rdzv-endpoint=127.0.0.1:{free_port()}"
+        commands = [torchrun + ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", endpoint,
+                                f"--rdzv-id={tmp_path.name}", str(script)] for _ in range(2)]
+    launchers = [Launcher(command, tmp_path / f"agent{i}.log", deadline_s=120) for i, command in enumerate(commands)]
+    for launcher in launchers:
+        assert launcher.wait() == 0, launcher.output()[-3000:]
+    output = "".join(launcher.output() for launcher in launchers)
+    # Two workers may write into one log at once, so lines can run together.
+    assert sorted(re.findall(r"rank (\d) finished in start (\d+)", output)) == [("0", "2"), ("1", "2")], \
+        output[-3000:]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
