@@ -4,8 +4,12 @@ A checkpoint is a dict that `torch.load(weights_only=True)` reads (tensors, numb
 - `state_dict`, `meta`: the model in MMAction2's layout (keys `backbone.…`, `cls_head.…`; `meta` with epoch,
   iter, cfg, seed, experiment_name, time), so MMAction2 loads our weights and we load its files (model/);
 - `optimizer`, `scheduler`, `scaler`, `progress` (epoch, batches done in it, iteration, best top-1), `rng`
-  (every rank's generator states) and `config` (the resolved config as a plain dict): what `--resume` needs to
-  continue mid-epoch with the same sample order and schedule.
+  (every rank's generator states), `ranks` (every rank's own state, process_state: its BatchNorm running
+  statistics in a mid-epoch checkpoint of several processes, its metric sums of the epoch so far and its loader
+  position) and `config` (the resolved config as a plain dict): what `--resume` needs to continue mid-epoch with
+  the same sample order and schedule, each process from its own state. Several processes keep their own BN
+  statistics during an epoch (DDP does not broadcast buffers; they are averaged at its end), so `state_dict`
+  alone, which holds rank 0's, resumes a mid-epoch checkpoint bit for bit only for rank 0.
 
 Files in a work dir: `latest.pth` (rewritten at every epoch end and every train.checkpoint_every_iters
 iterations), `epoch_<n>.pth` every train.checkpoint_interval epochs, and `best_acc_top1_epoch_<n>.pth` (only the
@@ -154,8 +158,10 @@ def write_checkpoint_files(work_dir: Path, state: dict[str, Any], *, keep_epoch:
 
 def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, *, cfg: Config,
                         progress: Progress, rng: list[dict[str, Any]], world_size: int,
-                        experiment_name: str, lr_scale: float = 1.0) -> dict[str, Any]:
-    """The checkpoint dict of a training run. `model` is the bare module (not DDP or torch.compile wrapped)."""
+                        experiment_name: str, lr_scale: float = 1.0,
+                        ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The checkpoint dict of a training run. `model` is the bare module (not DDP or torch.compile wrapped);
+    `rng` and `ranks` hold every rank's rng_state() and process_state(), in rank order."""
     return {
         "meta": {
             "epoch": progress.epoch,
@@ -174,6 +180,7 @@ def training_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, sche
         "sampler": {"epoch": progress.epoch, "start_batch": progress.batches_done, "seed": cfg.train.seed,
                     "world_size": world_size, "batch_size": cfg.train.batch_size},
         "rng": rng,
+        "ranks": ranks if ranks is not None else [],
         "lr_scale": lr_scale,
         "config": config_to_dict(cfg),
     }
@@ -227,6 +234,62 @@ def restore_training_state(ckpt: dict[str, Any], path: Path, optimizer: torch.op
                     path, len(rng), world_size)
         rng = None
     return progress, rng
+
+
+def process_state(model: nn.Module, progress: Progress, rank: int, world_size: int,
+                  epoch_sums: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This process's own part of a checkpoint, besides its RNG: BN running statistics, loader position and the
+    metric sums of the epoch so far (`epoch_sums`, from train_one_epoch, for a mid-epoch checkpoint: the resumed
+    epoch then logs the numbers of the uninterrupted one).
+
+    `bn_buffers` (the floating-point buffers, as sync_buffers averages them) only in a mid-epoch checkpoint of
+    several processes: at an epoch's end they are averaged, the same on every rank, and `state_dict` has them.
+    The loader position (epoch, batch, shard) is the same batch on every rank, each of its own shard; what a
+    batch holds follows from (train.seed, epoch, batch, shard), so the position is all the loader needs.
+    """
+    buffers = {}
+    if world_size > 1 and progress.batches_done:
+        buffers = {name: b.detach().cpu().clone() for name, b in model.named_buffers() if b.is_floating_point()}
+    return {"bn_buffers": buffers, "epoch_sums": epoch_sums if progress.batches_done else None,
+            "loader": {"epoch": progress.epoch, "start_batch": progress.batches_done, "shard_id": rank,
+                       "num_shards": world_size}}
+
+
+def restore_process_state(ckpt: dict[str, Any], path: Path, model: nn.Module, *, rank: int,
+                          world_size: int) -> tuple[str, dict[str, Any] | None]:
+    """Loads this rank's BN running statistics from a checkpoint's `ranks`; returns what was restored (for the
+    log) and this rank's metric sums of the interrupted epoch (None: none saved, or another process count).
+
+    With another process count than the checkpoint's, every rank keeps rank 0's statistics (from `state_dict`,
+    already loaded): the saved processes' shards and batches do not map onto the new ones.
+    """
+    ranks = ckpt.get("ranks") or []
+    saved_by = len(ranks) or ckpt["sampler"]["world_size"]
+    if saved_by != world_size:
+        if ckpt["progress"]["batches_done"] and saved_by > 1:
+            return (f"BN statistics: rank 0's for every process (saved mid-epoch by {saved_by} processes, each "
+                    f"with its own, now {world_size})"), None
+        return "BN statistics: the checkpoint's", None
+    own = ranks[rank] if ranks else {"bn_buffers": {}, "loader": None}
+    if not own["bn_buffers"]:
+        if saved_by > 1 and ckpt["progress"]["batches_done"]:
+            return (f"BN statistics: rank 0's for every process ({path} is a mid-epoch checkpoint without "
+                    f"per-process statistics, written before they were saved)"), own.get("epoch_sums")
+        return "BN statistics: the checkpoint's (the same on every process)", own.get("epoch_sums")
+    loader = own["loader"]
+    if (loader["shard_id"], loader["num_shards"], loader["epoch"], loader["start_batch"]) != (
+            rank, world_size, ckpt["progress"]["epoch"], ckpt["progress"]["batches_done"]):
+        raise CheckpointError(f"{path}: rank {rank}'s saved loader position {loader} does not match the "
+                              f"checkpoint's progress {ckpt['progress']}; the file is inconsistent, resume from "
+                              f"an epoch_<n>.pth instead")
+    buffers = dict(model.named_buffers())
+    unknown = sorted(set(own["bn_buffers"]) - set(buffers))
+    if unknown:
+        raise CheckpointError(f"{path}: rank {rank}'s BN statistics name buffers the model lacks ({unknown[:3]}); "
+                              f"resume with the checkpoint's model settings")
+    for name, value in own["bn_buffers"].items():
+        buffers[name].copy_(value)
+    return f"BN statistics: each of the {world_size} processes its own", own.get("epoch_sums")
 
 
 def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:

@@ -2,8 +2,10 @@
 
 Both scripts run as one plain process (`python train.py ...`) or under torchrun, which sets RANK, WORLD_SIZE and
 LOCAL_RANK; `init_distributed` reads those and joins the process group (NCCL on GPUs, gloo on CPUs), with the
-collective timeout R2P1D_DIST_TIMEOUT_S (seconds) when that is set. Every helper here also works without a
-process group, as the single-process case of the same code.
+collective timeout R2P1D_DIST_TIMEOUT_S (seconds) when that is set, under a store prefix of its own for each start
+of the job, so workers that torchrun --max-restarts started again rendezvous cleanly. StopRequests turns SIGTERM,
+SIGINT and SIGUSR1 into a stop after the same training step on every process. Every helper here also works
+without a process group, as the single-process case of the same code.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import datetime
 import fcntl
 import json
 import logging
+import math
 import os
 import platform
 import random
+import signal
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +53,9 @@ PROBE_WAIT_TIMEOUT = datetime.timedelta(hours=24)
 PROBE_LOG_INTERVAL_S = 30.0  # rank 0 logs the probe's progress this often
 LOCK_NAME = ".lock"  # train.py's work-dir lock file (fcntl.flock; the holder's pid, host and start time inside)
 GPU_AUTO_DALI_THREADS = 4  # data.num_threads=0 on a GPU machine: DALI's CPU threads, at most the process's share
+GENERATION_PREFIX = "r2p1d_generation"  # store keys of init_distributed's per-start handshake
+GENERATION_POLL_S = 1.0  # how long a rank waits for rank 0's acknowledgement before it reads the generation again
+DEFAULT_PG_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default for gloo; bounds the start-up handshake
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    generation: int = 0  # starts of the job's process group so far, this one included (0: no process group)
 
     @property
     def distributed(self) -> bool:
@@ -84,13 +93,61 @@ def init_distributed() -> DistContext:
                                f"start at most that many processes per node (torchrun --nproc-per-node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    generation = 0
     if world_size > 1 and not dist.is_initialized():
         timeout = _dist_timeout()
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device, timeout=timeout)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
-    return DistContext(rank, world_size, local_rank, device)
+        store, generation = _generation_store(rank, world_size, timeout or DEFAULT_PG_TIMEOUT)
+        backend = dict(device_id=device, backend="nccl") if device.type == "cuda" else dict(backend="gloo")
+        dist.init_process_group(store=store, rank=rank, world_size=world_size, timeout=timeout, **backend)
+    return DistContext(rank, world_size, local_rank, device, generation)
+
+
+def _generation_store(rank: int, world_size: int, timeout: datetime.timedelta) -> tuple[dist.Store, int]:
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT) under a prefix no earlier start of this job wrote to.
+
+    torchrun (torch >= 2.4) keeps one store for all restarts of a job (`--max-restarts`): the process group of a
+    restarted worker would read the addresses its dead predecessors left there and wait on them (the gloo
+    connection fails or hangs). TORCHELASTIC_RESTART_COUNT cannot name a fresh prefix: each node's agent counts its
+    own restarts (a node whose workers did not fail restarts them without counting), so the nodes disagree.
+    Instead rank 0 takes the next generation number from a counter in the store, and every other rank learns it
+    through a handshake only the live rank 0 answers: it posts a random token under the generation it reads and
+    waits for rank 0 to acknowledge that token; a number left by an earlier start is never acknowledged (its rank
+    0 is gone), so the rank reads again. Returns the store prefixed by the generation, and the generation (1 for
+    a job's first start).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    current = f"{GENERATION_PREFIX}/current"
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        generation = store.add(f"{GENERATION_PREFIX}/counter", 1)
+        store.set(current, str(generation))
+        for other in range(1, world_size):
+            hello = f"{GENERATION_PREFIX}/{generation}/hello/{other}"
+            store.wait([hello], timeout)
+            store.set(f"{GENERATION_PREFIX}/{generation}/welcome/{store.get(hello).decode()}", "1")
+    else:
+        token = uuid.uuid4().hex
+        while True:
+            generation = int(store.get(current))  # blocks until rank 0 of the first start has set it
+            store.set(f"{GENERATION_PREFIX}/{generation}/hello/{rank}", token)
+            if _wait_for_key(store, f"{GENERATION_PREFIX}/{generation}/welcome/{token}", GENERATION_POLL_S):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank {rank}: rank 0 did not join the process group at MASTER_ADDR "
+                                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                                   f"{timeout.total_seconds():.0f} s; check that rank 0's process started "
+                                   f"(its log), or raise {DIST_TIMEOUT_ENV}")
+    return dist.PrefixStore(f"{GENERATION_PREFIX}/{generation}/pg", store), generation
+
+
+def _wait_for_key(store: dist.Store, key: str, timeout_s: float) -> bool:
+    """Whether `key` appears in `store` within timeout_s (polled: a timed-out store.wait logs a C++ warning)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _dist_timeout() -> datetime.timedelta | None:
@@ -123,7 +180,11 @@ USER_ERRORS = (ConfigError, CheckpointError, ListError, LoaderError, WorkDirBusy
 
 def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
     """`run(args, ctx)` inside the process group; bad user input ends the process with one `error: ...` line,
-    which also goes into the run's log file when one is open."""
+    which also goes into the run's log file when one is open.
+
+    Ctrl-C outside train.py's training loop (where StopRequests handles it) ends the process with one line too,
+    from rank 0 only, and the exit code 130 (stop_exit_code).
+    """
     try:
         ctx = init_distributed()
         try:
@@ -133,6 +194,55 @@ def run_command(run: Callable[[Any, DistContext], Any], args: Any) -> None:
     except USER_ERRORS as e:
         _write_to_log_files(f"error: {e}")
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("stopped by SIGINT (Ctrl-C); nothing saved", file=sys.stderr)
+        sys.exit(stop_exit_code(signal.SIGINT))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers' preemption, Ctrl-C, SLURM --signal
+
+
+def stop_exit_code(signum: int) -> int:
+    """The exit code of a process that a stop signal ended: 128 + its number (SIGTERM 143, SIGINT 130, SIGUSR1
+    138), the shell's convention for a process a signal ended, so schedulers and scripts read it as such."""
+    return 128 + int(signum)
+
+
+class StopRequests:
+    """SIGTERM, SIGINT and SIGUSR1 turned into a stop that every process makes after the same training step.
+
+    Schedulers preempt with SIGTERM (Kubernetes, SLURM at the end) or a chosen signal ahead of time (SLURM
+    `--signal=USR1@120`); torchrun forwards SIGTERM and SIGINT (and SIGUSR1 with `--signals-to-handle`) to its
+    workers; Ctrl-C sends SIGINT to every process of the terminal. The handler only notes the signal (no logging:
+    it may run while the logging lock is held); the training loop calls requested() after each step, which
+    all-reduces the noted signal over the processes, because they receive it at different steps and must all stop
+    after the same one. On GPUs the reduction runs in a gloo group of its own, so it does not wait for the GPU.
+    Construct it on every rank (on GPUs it makes a group, a collective); close() gives the signals back.
+    """
+
+    def __init__(self, ctx: DistContext):
+        self.noted = 0  # the first signal this process received, 0: none
+        self.signum = 0  # the signal all processes agreed to stop for, 0: none yet
+        self.group = None
+        if ctx.distributed and ctx.device.type == "cuda":
+            self.group = dist.new_group(backend="gloo")
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.noted = self.noted or signum
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """Whether any process received a stop signal; the same answer on every process (a collective)."""
+        flag = torch.tensor([self.noted], dtype=torch.int64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flag.item())
+        return self.signum != 0
 
 
 def is_main_process() -> bool:
@@ -207,6 +317,8 @@ def environment_info(ctx: DistContext) -> str:
     else:
         parts.append("device cpu (fp32)")
     parts.append(f"{ctx.world_size} process{'es' if ctx.world_size != 1 else ''}")
+    if ctx.generation > 1:
+        parts.append(f"start {ctx.generation} of this job's process group (workers restarted)")
     return ", ".join(parts)
 
 
@@ -547,15 +659,20 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricLog:
     """Rank 0's scalar outputs in the work dir: TensorBoard event files and scalars.jsonl, one JSON object a line.
 
-    `tensorboard --logdir WORK_DIR` shows the scalars; a resumed run purges the events after its start step, so
-    the curves of the interrupted run and the resumed one do not overlap.
+    `tensorboard --logdir WORK_DIR` shows the scalars. A run that starts at iteration `start_step` (a resume, or 0)
+    first drops what an earlier run logged after that step, which the new run logs again: scalars.jsonl loses
+    its lines with a larger step (rewritten atomically), and the event files are read with those steps purged
+    (SummaryWriter's purge_step, which drops the events with step >= purge_step: start_step + 1, so the points at
+    start_step itself, such as the last epoch's validation, are kept).
     """
 
-    def __init__(self, work_dir: Path, purge_step: int | None = None):
+    def __init__(self, work_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(work_dir), purge_step=purge_step)
-        self.jsonl = open(Path(work_dir) / "scalars.jsonl", "a")
+        self.writer = SummaryWriter(log_dir=str(work_dir), purge_step=start_step + 1)
+        path = Path(work_dir) / "scalars.jsonl"
+        _drop_lines_after(path, start_step)
+        self.jsonl = open(path, "a")
 
     def add_scalars(self, scalars: dict[str, float], step: int, **fields: Any) -> None:
         """Writes each scalar under its tag (e.g. train/loss) and one JSON line with `fields`, step and scalars."""
@@ -570,3 +687,29 @@ class MetricLog:
     def close(self) -> None:
         self.writer.close()
         self.jsonl.close()
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrites scalars.jsonl without its lines whose step exceeds `step` (temporary file, then a rename)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _jsonl_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    log.info("%s: dropped %d lines after step %d, which this run logs again", path.name, len(lines) - len(kept),
+             step)
+
+
+def _jsonl_step(line: str) -> float:
+    """The step of a scalars.jsonl line; infinite (dropped) for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -5,6 +5,7 @@
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         train.py --config k400_32x2x1.yaml --auto-scale-lr                     # 2 machines, run on each
     python train.py --config k400_8x8x1.yaml --resume auto                     # continue after a stop or a crash
+    torchrun --nproc-per-node 8 --max-restarts 3 train.py --config k400_8x8x1.yaml --resume auto  # restart dead workers
 
 SGD (lr, momentum, weight decay from the config; `--auto-scale-lr`: lr x total batch / 64), gradient clipping,
 a per-epoch cosine schedule without warm-up, validation every train.val_interval epochs with BN buffers averaged
@@ -14,6 +15,12 @@ stem>): config.yaml, latest.pth, epoch_<n>.pth, best_acc_top1_epoch_<n>.pth, <ti
 TensorBoard event files (`tensorboard --logdir work_dirs/k400_8x8x1`). One run at a time per work dir: rank 0
 holds WORK_DIR/.lock (an OS file lock) while it runs, and a second run stops with one line naming the first. On
 a CPU the threads of DALI and torch share the cores the process may use (runtime.apply_thread_budget).
+
+Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 to the process, or to torchrun (which forwards SIGTERM and SIGINT,
+and SIGUSR1 with `--signals-to-handle SIGTERM,SIGINT,SIGUSR1`), makes every process finish its current step;
+rank 0 writes latest.pth at that iteration, logs one line saying where it stopped, and every process exits with
+128 + the signal's number (SIGTERM 143, SIGINT 130, SIGUSR1 138). A signal during an epoch's last step or its
+validation stops after the epoch's own checkpoint. `--resume auto` continues from there.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import inspect
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,18 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoints import (Progress, check_resumable, config_differences, find_latest_checkpoint,
-                         remove_stale_temp_files, restore_training_state, training_checkpoint, write_checkpoint_files)
+from checkpoints import (LATEST_NAME, Progress, check_resumable, config_differences, find_latest_checkpoint,
+                         process_state, remove_stale_temp_files, restore_process_state, restore_training_state,
+                         training_checkpoint, write_checkpoint_files)
 from config import Config, ConfigError, add_config_arguments, format_config, load_config, save_config
 from dali_pipes.lists import read_video_list
 from dali_pipes.loader import mode_list
 from evaluate import EvalResult, evaluate
 from model import build_model, convert_sync_batchnorm, load_checkpoint
-from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, WorkDirLock, amp_dtype, apply_thread_budget,
-                     attach_log_file, build_video_loader, configure_determinism, default_work_dir, environment_info,
-                     format_duration, gather_objects, lock_work_dir, log_skipped_videos, on_main_then_all,
-                     peak_memory_gb, reduce_max, reduce_sum, rng_state, seed_everything, set_rng_state, run_command,
-                     setup_logging, sync_buffers)
+from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, StopRequests, WorkDirLock, amp_dtype,
+                     apply_thread_budget, attach_log_file, build_video_loader, configure_determinism,
+                     default_work_dir, environment_info, format_duration, gather_objects, lock_work_dir,
+                     log_skipped_videos, on_main_then_all, peak_memory_gb, reduce_max, reduce_sum, rng_state,
+                     seed_everything, set_rng_state, run_command, setup_logging, stop_exit_code, sync_buffers)
 
 log = logging.getLogger("train")
 
@@ -51,7 +60,11 @@ AUTO_SCALE_BASE_BATCH = 64  # MMAction2's auto_scale_lr.base_batch_size for thes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train R(2+1)D (MMAction2 recipe) with DALI video loading.")
+    parser = argparse.ArgumentParser(
+        description="Train R(2+1)D (MMAction2 recipe) with DALI video loading.",
+        epilog="SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop every process after its current step, with latest.pth "
+               "saved at that iteration; the exit code is then 128 + the signal's number (143, 130, 138). Continue "
+               "with --resume auto. Under torchrun --max-restarts, always pass --resume auto.")
     add_config_arguments(parser)
     parser.add_argument("--work-dir", default=None,
                         help="output folder for checkpoints and logs (default: work_dirs/<config stem>)")
@@ -140,6 +153,9 @@ class EpochStats:
     data_wait_pct: float = 0.0  # share of the step time spent waiting for the loader
     seconds: float = 0.0
     iterations: int = 0  # global optimizer steps after this epoch
+    batches_done: int = 0  # batches of the epoch trained, those of an earlier run included
+    stopped: bool = False  # a stop was requested: the epoch ended after batches_done batches
+    sums: dict | None = None  # after a stop: this process's metric sums so far, for the checkpoint
 
 
 # Per-process sums kept on the device between log lines, so no step waits for the GPU: loss x clips, top-1 hits,
@@ -151,14 +167,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     num_batches: int, device: torch.device, autocast_dtype: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None, clip_grad: float = 0.0, start_batch: int = 0,
                     iteration: int = 0, log_interval: int = 20, metrics: MetricLog | None = None,
-                    checkpoint_every_iters: int = 0, on_checkpoint: Callable[[int, int], None] | None = None,
-                    ) -> EpochStats:
+                    checkpoint_every_iters: int = 0, on_checkpoint: Callable[[int, int, dict], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None, sums: dict | None = None) -> EpochStats:
     """Trains on what `loader` yields for epoch `epoch` (0-based), which resumes at batch `start_batch`.
 
     `loader` yields objects with .clips (B*V, 3, T, H, W) normalised, rows grouped per video, and .labels (B,)
     int64; each of a video's V views is a training sample with the video's label. Every `log_interval` batches
     (and at the last) the numbers are summed over all processes and logged; every `checkpoint_every_iters`
-    batches of the epoch, except the last, on_checkpoint(batches_done, iteration) is called on every process.
+    batches of the epoch, except the last, on_checkpoint(batches_done, iteration, sums) is called on every
+    process. After every batch but the last, should_stop() (the same answer on every process) may end the epoch
+    there (stopped=True). `sums` (this process's metric sums of the epoch so far, for its checkpoint; in
+    EpochStats.sums after a stop) resume the epoch's log lines and totals as if it had not been interrupted.
     """
     model.train()
     window = torch.zeros(_DEVICE_SUMS, device=device, dtype=torch.float64)
@@ -167,6 +186,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     window_clips = window_steps = 0
     window_wait = 0.0
     epoch_start = window_start = time.perf_counter()
+    if sums is not None:  # a resumed epoch: the sums of its batches before the checkpoint
+        window += sums["window"].to(device)
+        window_clips, window_steps, window_wait = sums["window_clips"], sums["window_steps"], sums["window_wait_s"]
+        window_start -= sums["window_s"]
+        epoch_totals += sums["epoch_totals"]
+
+    def current_sums() -> dict:
+        return {"window": window.cpu().clone(), "window_clips": window_clips, "window_steps": window_steps,
+                "window_wait_s": window_wait, "window_s": time.perf_counter() - window_start,
+                "epoch_totals": epoch_totals.clone()}
     batch_idx = start_batch - 1
     batches = iter(loader)
     while True:
@@ -234,14 +263,17 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             window_clips = window_steps = 0
             window_wait = 0.0
             window_start = time.perf_counter()
+        if not last and should_stop is not None and should_stop():
+            break  # the caller saves at this step (the periodic checkpoint would be the same file)
         if checkpoint_every_iters and on_checkpoint and (batch_idx + 1) % checkpoint_every_iters == 0 and not last:
             write_start = time.perf_counter()
-            on_checkpoint(batch_idx + 1, iteration)
+            on_checkpoint(batch_idx + 1, iteration, current_sums())
             window_start += time.perf_counter() - write_start  # writing a checkpoint is not training time
     rates = _rates(epoch_totals)
     return EpochStats(loss=rates["loss"], top1=rates["top1"], top5=rates["top5"], grad_norm=rates["grad_norm"],
                       clips_per_s=rates["clips_per_s"], data_wait_pct=rates["data_wait_pct"],
-                      seconds=time.perf_counter() - epoch_start, iterations=iteration)
+                      seconds=time.perf_counter() - epoch_start, iterations=iteration, batches_done=batch_idx + 1,
+                      stopped=batch is not None, sums=current_sums() if batch is not None else None)
 
 
 def _rates(totals: torch.Tensor) -> dict[str, float]:
@@ -266,18 +298,25 @@ def validation_due(epoch: int, cfg: Config) -> bool:
 def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler,
         train_loader, val_loader, *, cfg: Config, ctx: DistContext, work_dir: Path, progress: Progress,
         autocast_dtype: torch.dtype | None = None, metrics: MetricLog | None = None, lr_scale: float = 1.0,
-        ) -> Progress:
+        stop: StopRequests | None = None, sums: dict | None = None) -> Progress:
     """Runs the epochs from `progress` to train.epochs: train, step the schedule, sync BN buffers, validate, save.
 
     `model` is the bare recognizer (saved, validated, its buffers synced); `train_model` is what the steps run
-    (model itself, or it wrapped in DDP and/or torch.compile). `val_loader` None: no validation.
+    (model itself, or it wrapped in DDP and/or torch.compile). `val_loader` None: no validation. With `stop`,
+    a stop signal ends training after the current step (or after the epoch's checkpoint, in its last step or its
+    validation) with a checkpoint there; stop.signum then names the signal. `sums`: what resume_training
+    returned with `progress`, the metric sums of its epoch so far.
     """
     num_batches = len(train_loader)
 
-    def save(state: Progress, keep_epoch: int | None = None, best_epoch: int | None = None) -> None:
-        rng = gather_objects(rng_state())  # every rank's generators, so a resume continues each of them
+    def save(state: Progress, keep_epoch: int | None = None, best_epoch: int | None = None,
+             epoch_sums: dict | None = None) -> None:
+        # Every rank's generators and own state (BN statistics and metric sums mid-epoch, loader position), so a
+        # resume continues each process from its own.
+        ranks = gather_objects((rng_state(), process_state(model, state, ctx.rank, ctx.world_size, epoch_sums)))
         if ctx.is_main:
-            ckpt = training_checkpoint(model, optimizer, scheduler, scaler, cfg=cfg, progress=state, rng=rng,
+            ckpt = training_checkpoint(model, optimizer, scheduler, scaler, cfg=cfg, progress=state,
+                                       rng=[rng for rng, _ in ranks], ranks=[own for _, own in ranks],
                                        world_size=ctx.world_size, experiment_name=work_dir.name, lr_scale=lr_scale)
             written = write_checkpoint_files(work_dir, ckpt, keep_epoch=keep_epoch, best_epoch=best_epoch)
             log.info("saved %s", ", ".join(p.name for p in written))
@@ -285,15 +324,23 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
     for epoch in range(progress.epoch, cfg.train.epochs):
         train_loader.set_epoch(epoch, start_batch=progress.batches_done)
 
-        def on_checkpoint(batches_done: int, iteration: int, epoch: int = epoch, best: Progress = progress) -> None:
-            save(Progress(epoch, batches_done, iteration, best.best_top1, best.best_epoch))
+        def on_checkpoint(batches_done: int, iteration: int, epoch_sums: dict, epoch: int = epoch,
+                          best: Progress = progress) -> None:
+            save(Progress(epoch, batches_done, iteration, best.best_top1, best.best_epoch), epoch_sums=epoch_sums)
 
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(train_model, train_loader, optimizer, epoch=epoch, epochs=cfg.train.epochs,
                                 num_batches=num_batches, device=ctx.device, autocast_dtype=autocast_dtype,
                                 scaler=scaler, clip_grad=cfg.train.clip_grad, start_batch=progress.batches_done,
                                 iteration=progress.iteration, log_interval=cfg.train.log_interval, metrics=metrics,
-                                checkpoint_every_iters=cfg.train.checkpoint_every_iters, on_checkpoint=on_checkpoint)
+                                checkpoint_every_iters=cfg.train.checkpoint_every_iters, on_checkpoint=on_checkpoint,
+                                should_stop=stop.requested if stop is not None else None,
+                                sums=sums if progress.batches_done else None)
+        sums = None
+        if stats.stopped:
+            progress = Progress(epoch, stats.batches_done, stats.iterations, progress.best_top1, progress.best_epoch)
+            save(progress, epoch_sums=stats.sums)
+            return progress
         scheduler.step()
         sync_buffers(model)
         progress = Progress(epoch + 1, 0, stats.iterations, progress.best_top1, progress.best_epoch)
@@ -312,6 +359,8 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
         interval = cfg.train.checkpoint_interval
         keep_epoch = epoch + 1 if interval and (epoch + 1) % interval == 0 else None
         save(progress, keep_epoch=keep_epoch, best_epoch=best_epoch)
+        if stop is not None and epoch + 1 < cfg.train.epochs and stop.requested():
+            return progress
     return progress
 
 
@@ -326,12 +375,15 @@ def _log_validation(result: EvalResult, epoch: int, progress: Progress, metrics:
 
 
 def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler, *,
-                    cfg: Config, ctx: DistContext) -> Progress:
+                    cfg: Config, ctx: DistContext) -> tuple[Progress, dict | None]:
     """Loads a training checkpoint into the bare model, optimizer, scheduler and scaler, and restores the RNGs.
 
-    Call it last before fit(): it leaves this rank's random generators exactly as they were when it was saved.
+    Returns the progress and this process's metric sums of the interrupted epoch (None where there are none), for
+    fit(). Call it last before fit(): it leaves this rank's random generators exactly as they were when it was
+    saved.
     """
     ckpt = load_checkpoint(model, path)
+    restored, sums = restore_process_state(ckpt, path, model, rank=ctx.rank, world_size=ctx.world_size)
     for difference in config_differences(ckpt.get("config", {}), cfg):
         log.warning("%s: config differs from the checkpoint's, using the current value: %s", path, difference)
     progress, rng = restore_training_state(ckpt, path, optimizer, scheduler, scaler,
@@ -342,11 +394,14 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     if rng is not None:
         set_rng_state(rng[ctx.rank])
+        restored += "; random generators: each process its own"
     else:
         seed_everything(cfg.train.seed + ctx.rank + progress.iteration)
+        restored += "; random generators: re-seeded from train.seed + rank + iteration"
     log.info("resumed from %s: %d epochs and %d batches done, iteration %d, lr %.4g", path, progress.epoch,
              progress.batches_done, progress.iteration, optimizer.param_groups[0]["lr"])
-    return progress
+    log.info("per-process state: %s", restored)
+    return progress, sums if progress.batches_done else None
 
 
 def check_start(cfg: Config, args: argparse.Namespace) -> None:
@@ -423,13 +478,13 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     if cfg.model.compile:
         train_model = torch.compile(train_model)
 
-    progress = Progress()
+    progress, sums = Progress(), None
     # Rank 0's view of the work dir decides for all, so no rank starts from scratch while the others resume.
     resume_path = gather_objects(find_latest_checkpoint(work_dir) if args.resume == "auto" else args.resume)[0]
     if args.resume == "auto" and resume_path is None:
         log.info("--resume auto: no checkpoint in %s, starting from scratch", work_dir)
     if resume_path is not None:
-        progress = resume_training(Path(resume_path), model, optimizer, scheduler, scaler, cfg=cfg, ctx=ctx)
+        progress, sums = resume_training(Path(resume_path), model, optimizer, scheduler, scaler, cfg=cfg, ctx=ctx)
     else:
         if find_latest_checkpoint(work_dir) is not None:
             log.warning("starting from scratch in %s, which holds checkpoints of an earlier run: they will be "
@@ -441,16 +496,24 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
 
     if ctx.is_main:  # written once the start succeeded, so a failed start leaves an earlier run's file as it was
         save_config(cfg, work_dir / SAVED_CONFIG_NAME)
-    metrics = MetricLog(work_dir, purge_step=progress.iteration) if ctx.is_main else None
+    metrics = MetricLog(work_dir, start_step=progress.iteration) if ctx.is_main else None
+    stop = StopRequests(ctx)
     try:
         if metrics is not None:
             metrics.add_text("config", "    " + format_config(cfg).replace("\n", "\n    "))
         progress = fit(model, train_model, optimizer, scheduler, scaler, train_loader, val_loader, cfg=cfg, ctx=ctx,
                        work_dir=work_dir, progress=progress, autocast_dtype=autocast_dtype, metrics=metrics,
-                       lr_scale=lr_scale)
+                       lr_scale=lr_scale, stop=stop, sums=sums)
     finally:
+        stop.close()
         if metrics is not None:
             metrics.close()
+    if stop.signum:
+        where = f"in epoch {progress.epoch + 1} after batch {progress.batches_done}/{len(train_loader)}" \
+            if progress.batches_done else f"after epoch {progress.epoch}"
+        log.info("stopped by %s %s (iteration %d), saved %s; to continue, run the same command with --resume auto",
+                 signal.Signals(stop.signum).name, where, progress.iteration, work_dir / LATEST_NAME)
+        raise SystemExit(stop_exit_code(stop.signum))
     best = f"best val top1 {progress.best_top1:.4f} at epoch {progress.best_epoch}" if progress.best_epoch else \
         "no validation"
     log.info("training done: %d epochs, %d iterations, %s; checkpoints in %s", progress.epoch, progress.iteration,

@@ -190,30 +190,36 @@ def run_fit(work_dir, cfg, *, crash_at=None, resume=False, validate=True, metric
     small = (3, 4, 16, 16)
     train_loader = MemoryLoader(14, 4, cfg.train.batch_size, clip_shape=small, crash_at=crash_at)  # 4 batches
     val_loader = MemoryLoader(6, 4, 4, clip_shape=small, mode="val") if validate else None
-    progress = Progress()
+    progress, sums = Progress(), None
     if resume:
-        progress = resume_training(work_dir / "latest.pth", model, optimizer, scheduler, None, cfg=cfg, ctx=CPU)
+        progress, sums = resume_training(work_dir / "latest.pth", model, optimizer, scheduler, None, cfg=cfg,
+                                         ctx=CPU)
     else:
         seed_everything(cfg.train.seed + CPU.rank)
     fit(model, model, optimizer, scheduler, None, train_loader, val_loader, cfg=cfg, ctx=CPU, work_dir=work_dir,
-        progress=progress, metrics=metrics)
+        progress=progress, metrics=metrics, sums=sums)
     return model, optimizer, train_loader
 
 
 def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(tmp_path):
     """Dropout, momentum, schedule and sample order must all continue where the checkpoint left them."""
     cfg = tiny_config("train.epochs=3", "train.checkpoint_every_iters=2", "train.val_interval=2",
-                      "train.checkpoint_interval=2")
+                      "train.checkpoint_interval=2", "train.log_interval=3")
     (tmp_path / "full").mkdir()
     (tmp_path / "crashed").mkdir()
     metrics = MetricLog(tmp_path / "full")
     full_model, full_opt, _ = run_fit(tmp_path / "full", cfg, metrics=metrics)
     metrics.close()
+    metrics = MetricLog(tmp_path / "crashed")
     with pytest.raises(SimulatedCrash):
-        run_fit(tmp_path / "crashed", cfg, crash_at=(1, 3))  # dies in epoch 2; last checkpoint after its 2nd batch
+        run_fit(tmp_path / "crashed", cfg, crash_at=(1, 3), metrics=metrics)  # dies in epoch 2 after logging its
+        # 3rd batch (step 7, with the 1st and 2nd); the last checkpoint was after its 2nd batch
+    metrics.close()
     saved = read_checkpoint(tmp_path / "crashed" / "latest.pth")
     assert saved["progress"] == {"epoch": 1, "batches_done": 2, "iteration": 6, "best_top1": -1.0, "best_epoch": 0}
-    resumed_model, resumed_opt, loader = run_fit(tmp_path / "crashed", cfg, resume=True)
+    metrics = MetricLog(tmp_path / "crashed", start_step=6)
+    resumed_model, resumed_opt, loader = run_fit(tmp_path / "crashed", cfg, resume=True, metrics=metrics)
+    metrics.close()
     assert loader.epochs_started == [(1, 2), (2, 0)]
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -231,6 +237,11 @@ def test_resume_mid_epoch_continues_exactly_like_an_uninterrupted_run(tmp_path):
     for tag in ("val/top1", "val/top5", "val/mean_class_acc"):
         assert [e.step for e in events.Scalars(tag)] == [8, 12], tag  # after epochs 2 and 3 (4 steps each)
     records = [json.loads(line) for line in (tmp_path / "full" / "scalars.jsonl").read_text().splitlines()]
+    resumed_records = [json.loads(line) for line in (tmp_path / "crashed" / "scalars.jsonl").read_text().splitlines()]
+    # Each step once, with the uninterrupted run's numbers: the resumed epoch's log lines and epoch means include
+    # the batches before the checkpoint (clips/s, a timing, aside).
+    same = ("mode", "epoch", "iter", "step", "train/loss", "train/top1", "train/grad_norm", "epoch/loss", "val/top1")
+    assert [[r.get(k) for k in same] for r in resumed_records] == [[r.get(k) for k in same] for r in records]
     val = [(r["epoch"], r["val/top1"]) for r in records if r["mode"] == "val"]
     assert [epoch for epoch, _ in val] == [2, 3]
     best_epoch, best_top1 = max(val, key=lambda e: (e[1], -e[0]))  # the highest top-1; a tie keeps the earlier
@@ -246,8 +257,8 @@ def test_resume_with_another_total_batch_restarts_the_epoch(tmp_path, caplog):
     model = prepare_model(bigger, CPU)
     optimizer = build_optimizer(model, bigger, bigger.train.lr, CPU.device)
     with caplog.at_level(logging.WARNING):
-        progress = resume_training(tmp_path / "latest.pth", model, optimizer, build_scheduler(optimizer, 2), None,
-                                   cfg=bigger, ctx=CPU)
+        progress, _ = resume_training(tmp_path / "latest.pth", model, optimizer, build_scheduler(optimizer, 2),
+                                      None, cfg=bigger, ctx=CPU)
     assert (progress.epoch, progress.batches_done, progress.iteration) == (0, 0, 2)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "train.batch_size: 4 -> 8" in messages and "epoch 1 restarts from its first batch" in messages
