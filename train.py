@@ -301,7 +301,7 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
         best_epoch = None
         if val_loader is not None and validation_due(epoch, cfg):
             result = evaluate(model, val_loader, 1, 1, autocast_dtype=autocast_dtype)
-            if result.top1 > progress.best_top1:
+            if result.top1 >= progress.best_top1:  # a tie keeps the later checkpoint
                 progress.best_top1, progress.best_epoch, best_epoch = result.top1, epoch + 1, epoch + 1
             _log_validation(result, epoch, progress, metrics)
         interval = cfg.train.checkpoint_interval
