@@ -130,15 +130,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+FILE_ONLY = {"file_only": True}  # `log.info(..., extra=FILE_ONLY)`: into the log file, not onto the console
+
+
 def setup_logging(rank: int, log_file: Path | None = None) -> None:
-    """The one logging setup: rank 0 logs INFO to stdout (and log_file); other ranks WARNING+ with their rank."""
+    """The one logging setup: rank 0 logs INFO to stdout (and log_file); other ranks WARNING+ with their rank.
+    Records logged with `extra=FILE_ONLY` (long text such as the resolved config) go to log_file only."""
     if rank == 0:
         formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%m/%d %H:%M:%S")
         level = logging.INFO
     else:
         formatter = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%m/%d %H:%M:%S")
         level = logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers: list[logging.Handler] = [console]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:

@@ -35,7 +35,7 @@ from checkpoints import (Progress, config_differences, find_latest_checkpoint, r
 from config import Config, ConfigError, add_config_arguments, format_config, load_config, save_config
 from evaluate import EvalResult, evaluate
 from model import build_model, convert_sync_batchnorm, load_checkpoint
-from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, amp_dtype, barrier, build_video_loader,
+from runtime import (FILE_ONLY, SAVED_CONFIG_NAME, DistContext, MetricLog, amp_dtype, barrier, build_video_loader,
                      configure_determinism, default_work_dir, environment_info, format_duration, gather_objects,
                      log_skipped_videos, peak_memory_gb, reduce_max, reduce_sum, rng_state,
                      seed_everything, set_rng_state, run_command, setup_logging, sync_buffers)
@@ -353,7 +353,9 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     barrier()
     setup_logging(ctx.rank, work_dir / f"{time.strftime('%Y%m%d_%H%M%S')}.log" if ctx.is_main else None)
     log.info("%s", environment_info(ctx))
-    log.info("work dir %s; resolved config:\n%s", work_dir, format_config(cfg).rstrip())
+    log.info("work dir %s; config %s%s, resolved in %s and the log file", work_dir, args.config,
+             "".join(f" --set {o}" for o in overrides), work_dir / SAVED_CONFIG_NAME)
+    log.info("resolved config:\n%s", format_config(cfg).rstrip(), extra=FILE_ONLY)
     if ctx.is_main:
         save_config(cfg, work_dir / SAVED_CONFIG_NAME)
         for stale in remove_stale_temp_files(work_dir):
