@@ -169,7 +169,8 @@ def test_reencoding_picks_the_codec_and_does_not_retry_known_bad_files(tmp_path,
     prepare(command)  # nothing changed: the good clip is done, the two bad ones are known
     printed = capsys.readouterr().err
     assert "re-encoding 0 clips into" in printed and "(1 already done, 2 failed before and unchanged since" in printed
-    assert "zumba/empty.mp4: empty file (0 bytes) (recorded in " in (tmp_path / "out" / "prepare_summary.txt").read_text()
+    summary = (tmp_path / "out" / "prepare_summary.txt").read_text()
+    assert "zumba/empty.mp4: empty file (0 bytes) (recorded in " in summary
 
     os.utime(broken, ns=(broken.stat().st_atime_ns, broken.stat().st_mtime_ns + 1_000_000_000))  # changed: retried
     prepare(command)

@@ -20,8 +20,8 @@ from torch import nn
 from checkpoints import (LATEST_NAME, find_best_checkpoint, find_latest_checkpoint, remove_stale_temp_files,
                          save_atomic, write_checkpoint_files)
 from model import read_checkpoint
-from runtime import (FILE_ONLY, default_work_dir, gather_objects, reduce_max, reduce_sum, rng_state, seed_everything, set_rng_state,
-                     setup_logging, sync_buffers)
+from runtime import (FILE_ONLY, default_work_dir, gather_objects, reduce_max, reduce_sum, rng_state, seed_everything,
+                     set_rng_state, setup_logging, sync_buffers)
 
 REPO = Path(__file__).resolve().parents[1]
 
