@@ -266,8 +266,12 @@ class _StartupRecords(logging.Handler):
         self.records.append(record)
 
 
+FILE_ONLY = {"file_only": True}  # `log.info(..., extra=FILE_ONLY)`: into the log file, not onto the console
+
+
 def setup_logging(rank: int, log_file: Path | None = None, keep_records: bool = False) -> None:
     """The one logging setup: rank 0 logs INFO to stdout (and log_file); other ranks WARNING+ with their rank.
+    Records logged with `extra=FILE_ONLY` (long text such as the resolved config) go to log_file only.
 
     keep_records: hold what is logged until attach_log_file names the log file (train.py opens it only once the
     start-up checks passed and the work dir is locked, so a failed start leaves no log behind).
@@ -278,7 +282,9 @@ def setup_logging(rank: int, log_file: Path | None = None, keep_records: bool = 
     else:
         formatter = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%m/%d %H:%M:%S")
         level = logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers: list[logging.Handler] = [console]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     elif keep_records:

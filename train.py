@@ -48,7 +48,7 @@ from dali_pipes.lists import read_video_list
 from dali_pipes.loader import mode_list
 from evaluate import EvalResult, evaluate
 from model import build_model, convert_sync_batchnorm, load_checkpoint
-from runtime import (SAVED_CONFIG_NAME, DistContext, MetricLog, StopRequests, WorkDirLock, amp_dtype,
+from runtime import (FILE_ONLY, SAVED_CONFIG_NAME, DistContext, MetricLog, StopRequests, WorkDirLock, amp_dtype,
                      apply_thread_budget, attach_log_file, build_video_loader, configure_determinism,
                      default_work_dir, environment_info, format_duration, gather_objects, lock_work_dir,
                      log_skipped_videos, on_main_then_all, peak_memory_gb, reduce_max, reduce_sum, rng_state,
@@ -353,7 +353,7 @@ def fit(model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimiz
         best_epoch = None
         if val_loader is not None and validation_due(epoch, cfg):
             result = evaluate(model, val_loader, 1, 1, autocast_dtype=autocast_dtype)
-            if result.top1 > progress.best_top1:
+            if result.top1 >= progress.best_top1:  # a tie keeps the later checkpoint
                 progress.best_top1, progress.best_epoch, best_epoch = result.top1, epoch + 1, epoch + 1
             _log_validation(result, epoch, progress, metrics)
         interval = cfg.train.checkpoint_interval
@@ -434,7 +434,9 @@ def run(args: argparse.Namespace, ctx: DistContext) -> None:
     log.info("%s", environment_info(ctx))
     loader_cfg = apply_thread_budget(cfg, ctx)  # data.num_threads resolved; cfg keeps 0 = auto for config.yaml
     work_dir_lock = on_main_then_all(lambda: open_work_dir(cfg, args, work_dir), ctx)  # noqa: F841 (held)
-    log.info("work dir %s; resolved config:\n%s", work_dir, format_config(cfg).rstrip())
+    log.info("work dir %s; config %s%s, resolved in %s and the log file", work_dir, args.config,
+             "".join(f" --set {o}" for o in overrides), work_dir / SAVED_CONFIG_NAME)
+    log.info("resolved config:\n%s", format_config(cfg).rstrip(), extra=FILE_ONLY)
     if ctx.is_main:
         for stale in remove_stale_temp_files(work_dir):
             log.info("removed %s (left by an interrupted checkpoint write)", stale.name)

@@ -130,3 +130,16 @@ def test_a_train_crop_larger_than_the_short_side_gives_batches_of_the_crop_size(
     batch = next(iter(loader))
     assert batch.clips.shape == (2, 3, cfg.data.clip_len, 48, 48)
     assert torch.isfinite(batch.clips).all()
+
+
+def test_the_demos_three_test_crops_differ(motion_set):
+    """demo.yaml's 10x3 test on the demo's videos: ThreeCrop's left, right and middle crops are three views."""
+    from dali_pipes.loader import VideoLoader
+
+    cfg = load_config("demo.yaml", [f"data.root={motion_set}", f"data.test_list={motion_set / 'val_list.txt'}",
+                                    "data.num_threads=1", "data.decode_device=cpu"])
+    loader = VideoLoader(cfg.data, "test", batch_size=1, num_classes=cfg.model.num_classes, views=(1, 3))
+    clips = next(iter(loader)).clips  # (3 crops, 3, T, H, W), crop-major
+    assert clips.shape[-2:] == (cfg.data.test_crop, cfg.data.test_crop)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (clips[a] - clips[b]).abs().mean() > 0.05, f"crops {a} and {b} are the same view"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from config import DataConfig
+from config import DataConfig, load_config
 from dali_pipes.loader import VideoLoader
 from dali_pipes.probe import probe_video
 from media_helpers import write_audio_only
@@ -45,9 +47,24 @@ def read_list(path: Path) -> list[tuple[str, int]]:
     return [(line.rsplit(" ", 1)[0], int(line.rsplit(" ", 1)[1])) for line in path.read_text().splitlines()]
 
 
-def test_class_folders_become_lists_with_sorted_class_indices(kinetics_tree, tmp_path):
+def test_class_folders_become_lists_with_sorted_class_indices(kinetics_tree, tmp_path, capsys):
     prepare(["--train-dir", str(kinetics_tree / "videos_train"), "--val-dir", str(kinetics_tree / "videos_val"),
              "--out", str(tmp_path), "--workers", "2"])
+    printed = capsys.readouterr().err.splitlines()
+    # The one H.264 clip is usable on a GPU only: counted, with the command that makes the lists CPU-ready.
+    assert printed[-2] == ("1 usable videos (train 1 of 7, val 0 of 3) are in codecs DALI decodes only on a GPU "
+                           "(NVDEC; its CPU decoder reads vp8/vp9/mjpeg): training on a machine without a GPU needs "
+                           "them rewritten: rerun with --reencode --codec vp9")
+    # The printed overrides, as given to a K400 config, point training, validation and testing at the new lists.
+    assert printed[-1].startswith("use with: --set ")
+    overrides = printed[-1].removeprefix("use with: --set ").split(" --set ")
+    cfg = load_config("k400_8x8x1.yaml", overrides)
+    val_list = str(tmp_path / "kinetics400_val_list_videos.txt")
+    assert (cfg.data.root, cfg.data.train_list) == (str(kinetics_tree / "videos_train"),
+                                                    str(tmp_path / "kinetics400_train_list_videos.txt"))
+    assert (cfg.data.val_root, cfg.data.val_list) == (str(kinetics_tree / "videos_val"), val_list)
+    assert (cfg.data.test_root, cfg.data.test_list) == (str(kinetics_tree / "videos_val"), val_list)
+    assert cfg.data.class_names == str(tmp_path / "class_names.txt")
     assert (tmp_path / "class_names.txt").read_text().splitlines() == ["abseiling", "air drumming", "zumba"]
     train = read_list(tmp_path / "kinetics400_train_list_videos.txt")
     assert sorted(train) == [("abseiling/clip0.webm", 0), ("abseiling/clip1.webm", 0), ("abseiling/h264.mp4", 0),
@@ -116,6 +133,49 @@ def test_a_label_map_missing_a_class_of_the_videos_is_refused(kinetics_tree, tmp
     assert info.value.code == (f"error: {tmp_path / 'label_map.txt'}: 1 classes of the videos are not in it "
                                f"(first: 'air drumming')")
     assert not (tmp_path / "out" / "kinetics400_val_list_videos.txt").exists()
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        prepare(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for default in ("else vp9 (default: auto)", "in pixels (default: 256)", "between keyframes (default: 16)"):
+        assert default in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_reencoding_picks_the_codec_and_does_not_retry_known_bad_files(tmp_path, capsys):
+    source = tmp_path / "src"
+    make_clip(source / "abseiling" / "good.mp4", codec="h264", frames=12)
+    (source / "zumba").mkdir()
+    (source / "zumba" / "empty.mp4").write_bytes(b"")
+    broken = source / "zumba" / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 not really" * 40)
+    command = ["--train-dir", str(source), "--out", str(tmp_path / "out"), "--reencode", "--short-side", "32",
+               "--workers", "1"]
+    target = tmp_path / "out" / "reencoded" / "train"
+    gpu = torch.cuda.is_available()  # --codec auto: H.264 for NVDEC where there is a GPU, else VP9
+    prepare(command)
+    printed = capsys.readouterr().err
+    assert ("--codec auto: h264 (a CUDA device is visible" if gpu else "--codec auto: vp9 (no CUDA device") in printed
+    assert "re-encoding 3 clips" in printed
+    assert probe_video(target / "abseiling" / ("good.mp4" if gpu else "good.webm")).codec == ("h264" if gpu else "vp9")
+    summary = (tmp_path / "out" / "prepare_summary.txt").read_text()
+    assert "zumba/empty.mp4: empty file (0 bytes)\n" in summary
+    assert "zumba/broken.mp4: cannot be re-encoded (" in summary
+    recorded = json.loads((target / "reencode_failures.json").read_text())
+    assert sorted(recorded) == [str(broken), str(source / "zumba" / "empty.mp4")]
+
+    prepare(command)  # nothing changed: the good clip is done, the two bad ones are known
+    printed = capsys.readouterr().err
+    assert "re-encoding 0 clips into" in printed and "(1 already done, 2 failed before and unchanged since" in printed
+    summary = (tmp_path / "out" / "prepare_summary.txt").read_text()
+    assert "zumba/empty.mp4: empty file (0 bytes) (recorded in " in summary
+
+    os.utime(broken, ns=(broken.stat().st_atime_ns, broken.stat().st_mtime_ns + 1_000_000_000))  # changed: retried
+    prepare(command)
+    assert "re-encoding 1 clips into" in capsys.readouterr().err
+    assert sorted(json.loads((target / "reencode_failures.json").read_text())) == sorted(recorded)
 
 
 @pytest.mark.slow

@@ -41,6 +41,10 @@ def test_auto_scale_lr_then_resume_from_a_checkpoint_path(motion_set, tmp_path):
     first = tmp_path / "first"
     result = train(first, motion_set, "--auto-scale-lr", epochs=1)
     assert "--auto-scale-lr: lr 0.005 -> 0.0003125 (total batch 4 / 64)" in result.stdout
+    # One console line names the config and its overrides; the whole resolved config goes to the log file only.
+    assert f"config demo.yaml --set data.root={motion_set} --set " in result.stdout
+    assert "resolved config" not in result.stdout and "clip_len: 8" not in result.stdout
+    assert "resolved config:\ndata:\n" in next(first.glob("*.log")).read_text()
     assert [(r["epoch"], r["iter"], r["train/lr"]) for r in train_records(first)] == [(1, 3, SCALED_LR),
                                                                                       (1, 6, SCALED_LR)]
     saved = read_checkpoint(first / "latest.pth")

@@ -20,8 +20,8 @@ from torch import nn
 from checkpoints import (LATEST_NAME, find_best_checkpoint, find_latest_checkpoint, remove_stale_temp_files,
                          save_atomic, write_checkpoint_files)
 from model import read_checkpoint
-from runtime import (default_work_dir, gather_objects, reduce_max, reduce_sum, rng_state, seed_everything, set_rng_state,
-                     setup_logging, sync_buffers)
+from runtime import (FILE_ONLY, default_work_dir, gather_objects, reduce_max, reduce_sum, rng_state, seed_everything,
+                     set_rng_state, setup_logging, sync_buffers)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,6 +128,16 @@ def test_other_ranks_log_warnings_only_with_their_rank(capsys, restore_logging, 
     setup_logging(rank=0, log_file=tmp_path / "run.log")
     logging.getLogger("train").info("epoch 1 [1/2]")
     assert "epoch 1 [1/2]" in capsys.readouterr().out and "epoch 1 [1/2]" in (tmp_path / "run.log").read_text()
+
+
+def test_file_only_records_reach_the_log_file_not_the_console(capsys, restore_logging, tmp_path):
+    setup_logging(rank=0, log_file=tmp_path / "run.log")
+    logging.getLogger("train").info("resolved config:\ndata:\n  root: x", extra=FILE_ONLY)
+    logging.getLogger("train").info("work dir w; config demo.yaml")
+    console = capsys.readouterr().out
+    assert "resolved config" not in console and "root: x" not in console
+    assert console.splitlines()[-1].endswith(" work dir w; config demo.yaml")
+    assert "resolved config:\ndata:\n  root: x\n" in (tmp_path / "run.log").read_text()
 
 
 def _collective_worker(rank, init_file, results):

@@ -136,32 +136,35 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: int) 
     return top * (1 - fy) + bottom * fy
 
 
-def motion_frames(label: int, rng: np.random.Generator, num_frames: int = 32, size: int = 64) -> np.ndarray:
+def motion_frames(label: int, rng: np.random.Generator, num_frames: int = 32, height: int = 64,
+                  width: int = 84) -> np.ndarray:
     """(T, H, W, 3) uint8: a bright textured square on a dim textured background that moves up, moves down, grows
     or shrinks (label 0..3). No single frame tells the classes apart, and a horizontal flip (part of the training
-    recipe) keeps every class what it is."""
-    background = 0.25 + 0.3 * _smooth_noise(rng, size, size, cell=int(rng.integers(6, 14)))
+    recipe) keeps every class what it is. Landscape, as Kinetics-400's videos (84/64 is about their 340/256), so
+    ThreeCrop's left, right and middle crops of the short side differ."""
+    background = 0.25 + 0.3 * _smooth_noise(rng, height, width, cell=int(rng.integers(6, 14)))
     colour = 0.55 + 0.45 * rng.random(3, dtype=np.float32)
-    sprite_texture = _smooth_noise(rng, size, size, cell=4)
+    sprite_texture = _smooth_noise(rng, height, height, cell=4)
     speed = rng.uniform(1.0, 1.4)  # pixels per frame
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     if label in (0, 1):  # vertical motion, the free x drawn at random
         side = int(rng.integers(10, 17))
         travel = speed * (num_frames - 1)
-        x = int(rng.integers(0, size - side + 1))
-        y_first = rng.uniform(travel, size - side) if label == 0 else rng.uniform(0, size - side - travel)
+        x = int(rng.integers(0, width - side + 1))
+        y_first = rng.uniform(travel, height - side) if label == 0 else rng.uniform(0, height - side - travel)
         sides = [side] * num_frames
         corners = [(y_first + (-speed if label == 0 else speed) * t, x) for t in range(num_frames)]
     else:  # growing or shrinking about a random centre
         small, large = int(rng.integers(6, 11)), int(rng.integers(26, 33))
-        cy, cx = rng.uniform(large / 2, size - large / 2, size=2)
+        cy = rng.uniform(large / 2, height - large / 2)
+        cx = rng.uniform(large / 2, width - large / 2)
         sides = np.linspace(small, large, num_frames) if label == 2 else np.linspace(large, small, num_frames)
         corners = [(cy - s / 2, cx - s / 2) for s in sides]
     for t, (side, (y, x)) in enumerate(zip(sides, corners)):
         canvas = background.copy()
         side = int(round(side))
-        y = int(round(np.clip(y, 0, size - side)))
-        x = int(round(np.clip(x, 0, size - side)))
+        y = int(round(np.clip(y, 0, height - side)))
+        x = int(round(np.clip(x, 0, width - side)))
         canvas[y:y + side, x:x + side] = colour * (0.7 + 0.3 * sprite_texture[:side, :side])
         frames[t] = (canvas * 255).astype(np.uint8)
     return frames

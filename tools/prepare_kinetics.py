@@ -9,8 +9,9 @@
     python tools/prepare_kinetics.py --train-csv kinetics400/train.csv --train-dir videos_train \\
         --val-csv kinetics400/validate.csv --val-dir videos_val --out data/kinetics400
 
-    # also rewrite every clip: short side 256, a keyframe every 16 frames (cheap GPU seeking); VP9 for CPU machines
-    python tools/prepare_kinetics.py ... --reencode --short-side 256 --gop 16 --codec h264
+    # also rewrite every clip: short side 256, a keyframe every 16 frames (cheap seeking); --codec auto (the
+    # default) writes H.264 where a CUDA device is visible and VP9 otherwise (DALI's CPU decoder has no H.264)
+    python tools/prepare_kinetics.py ... --reencode --short-side 256 --gop 16
 
 Writes to --out: kinetics400_train_list_videos.txt and kinetics400_val_list_videos.txt (`<path> <label>` with
 paths relative to the split's folder, MMAction2's format), class_names.txt (index order: sorted class names, the
@@ -18,13 +19,18 @@ order of MMAction2's Kinetics-400 label map, or the order of --class-names), pre
 out and why: missing, unreadable, empty, audio only), and the lists' video indexes the loader reuses
 (dali_pipes/index.py; beside the lists). Every video is
 probed (frame counts, keyframes) in parallel. Re-encoding runs in parallel processes and is resumable: finished
-files are skipped on a rerun, and an interrupted file never leaves a partial output under its final name.
+files are skipped on a rerun, and an interrupted file never leaves a partial output under its final name. A file
+that could not be re-encoded is recorded (reencode_failures.json in the split's re-encode folder, keyed by path,
+size and modification time) and not tried again until it changes. The last line printed is the `--set` overrides
+that train and test on the lists (the val split doubles as the test split, as in MMAction2's K400 configs); before
+it, how many usable videos DALI's CPU decoder cannot read (H.264, HEVC, AV1: a GPU's NVDEC only).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,11 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dali_pipes.lists import VIDEO_EXTENSIONS, ListError, read_class_names  # noqa: E402
 from dali_pipes.index import index_file, prepare_index, unchanged_entries  # noqa: E402
-from dali_pipes.probe import probe_videos  # noqa: E402
+from dali_pipes.probe import CPU_CODECS, probe_videos  # noqa: E402
 from tools.make_synthetic import CODECS, VideoWriter  # noqa: E402
 
 LIST_NAMES = {"train": "kinetics400_train_list_videos.txt", "val": "kinetics400_val_list_videos.txt"}
 PARTIAL_TAG = ".partial"
+FAILURES_NAME = "reencode_failures.json"  # in each split's re-encode folder: {source: {size, mtime_ns, error}}
 
 
 @dataclass
@@ -100,6 +107,8 @@ def reencode_video(job: tuple[str, str, int, int, str]) -> tuple[str, str | None
     partial = target_path.with_name(f".{target_path.stem}{PARTIAL_TAG}{target_path.suffix}")
     target_path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if os.path.getsize(source) == 0:
+            return source, "empty file (0 bytes)"
         with av.open(source) as container:
             if not container.streams.video:
                 return source, "no video stream (audio only?)"
@@ -126,28 +135,87 @@ def reencode_video(job: tuple[str, str, int, int, str]) -> tuple[str, str | None
 
 
 def reencode_split(split_dir: Path, clips: list[Clip], out_dir: Path, args) -> tuple[list[Clip], list]:
-    """Re-encodes the clips of one split into out_dir (same tree), skipping finished ones; returns the new clips."""
+    """Re-encodes the clips of one split into out_dir (same tree), skipping finished ones and the recorded failures
+    of unchanged files; returns the new clips and (relative source, reason) for each clip left out."""
     extension = CODECS[args.codec][1]
     for stale in out_dir.rglob(f"*{PARTIAL_TAG}*"):
         stale.unlink()  # left by an interrupted run
-    jobs, done, new_clips = [], 0, []
+    known = read_failure_record(out_dir / FAILURES_NAME)
+    jobs, done, new_clips, failures, record = [], 0, [], {}, {}
     for clip in clips:
+        source = str(split_dir / clip.relative)
         target = out_dir / Path(clip.relative).with_suffix(extension)
         new_clips.append(Clip(str(target.relative_to(out_dir)), clip.class_name))
+        entry = known.get(source)
         if target.is_file():
             done += 1
+        elif entry is not None and (entry.get("size"), entry.get("mtime_ns")) == _size_and_mtime(source):
+            failures[source], record[source] = f"{entry['error']} (recorded in {out_dir / FAILURES_NAME}; tried " \
+                                               "again once the file changes)", entry
         else:
-            jobs.append((str(split_dir / clip.relative), str(target), args.short_side, args.gop, args.codec))
-    print(f"re-encoding {len(jobs)} clips into {out_dir} ({done} already done)", file=sys.stderr)
-    failures = {}
+            jobs.append((source, str(target), args.short_side, args.gop, args.codec))
+    print(f"re-encoding {len(jobs)} clips into {out_dir} ({done} already done, {len(record)} failed before and "
+          "unchanged since: not tried again)", file=sys.stderr)
     with ProcessPoolExecutor(args.workers) as pool, progress_bar(f"re-encode {out_dir.name}", len(jobs), "clip") as bar:
         for future in as_completed([pool.submit(reencode_video, job) for job in jobs]):
             source, error = future.result()
             if error is not None:
                 failures[source] = error
+                size, mtime_ns = _size_and_mtime(source)
+                record[source] = {"size": size, "mtime_ns": mtime_ns, "error": error}
             bar.update()
+    if record or known:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / FAILURES_NAME).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     kept = [c for c, orig in zip(new_clips, clips) if str(split_dir / orig.relative) not in failures]
     return kept, sorted((Path(source).relative_to(split_dir).as_posix(), error) for source, error in failures.items())
+
+
+def read_failure_record(path: Path) -> dict[str, dict]:
+    """{source path: {size, mtime_ns, error}} of the re-encodes that failed before; {} when there is no record."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {path}: not a re-encode failure record ({e}); delete it to try every file again")
+    if not isinstance(record, dict) or not all(isinstance(v, dict) and "error" in v for v in record.values()):
+        sys.exit(f"error: {path}: not a re-encode failure record (expected {{path: {{size, mtime_ns, error}}}}); "
+                 "delete it to try every file again")
+    return record
+
+
+def _size_and_mtime(path: str) -> tuple[int, int] | tuple[None, None]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def resolve_codec(codec: str) -> str:
+    """--codec auto -> h264 where a CUDA device is visible (NVDEC decodes it on every GPU), else vp9 (DALI's CPU
+    decoder reads VP8/VP9/MJPEG, not H.264); an explicit codec as it is. Says which on stderr."""
+    if codec != "auto":
+        return codec
+    import torch  # only here: the tool needs torch for nothing else
+
+    if torch.cuda.is_available():
+        print("--codec auto: h264 (a CUDA device is visible; NVDEC decodes H.264 on every GPU; "
+              "--codec vp9 for lists a CPU-only machine can train on too)", file=sys.stderr)
+        return "h264"
+    print("--codec auto: vp9 (no CUDA device visible, and DALI's CPU decoder reads VP8/VP9/MJPEG, not H.264)",
+          file=sys.stderr)
+    return "vp9"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default, except where there is none (None, or False for a flag), and the
+    docstring as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        no_default = action.default is None or action.default is False
+        return action.help if no_default else super()._get_help_string(action)
 
 
 def progress_bar(label: str, total: int, unit: str) -> tqdm:
@@ -158,8 +226,8 @@ def progress_bar(label: str, total: int, unit: str) -> tqdm:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
+                                     epilog=__doc__)
     parser.add_argument("--train-dir", help="training videos: a class-folder tree, or the folder the CSV names")
     parser.add_argument("--val-dir", help="validation videos, likewise")
     parser.add_argument("--train-csv", help="official annotation CSV of the training split")
@@ -170,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reencode", action="store_true", help="rewrite every clip (see --short-side, --gop)")
     parser.add_argument("--short-side", type=int, default=256, help="re-encoded short side in pixels")
     parser.add_argument("--gop", type=int, default=16, help="re-encoded frames between keyframes")
-    parser.add_argument("--codec", choices=("h264", "vp9"), default="h264",
-                        help="re-encoded codec: h264 decodes on GPUs only; vp9 on CPUs too")
+    parser.add_argument("--codec", choices=("auto", "h264", "vp9"), default="auto",
+                        help="re-encoded codec: h264 decodes on GPUs only; vp9 on CPUs too; auto: h264 where a CUDA "
+                             "device is visible, else vp9")
     parser.add_argument("--reencode-dir", help="where re-encoded splits go (default: OUT/reencoded)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="parallel probes / encodes")
     args = parser.parse_args(argv)
@@ -199,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     class_names = _class_names(args.class_names, found)
     if args.reencode:
+        args.codec = resolve_codec(args.codec)
         reencode_root = Path(args.reencode_dir or out / "reencoded")
         for name in list(splits):
             found[name], failures = reencode_split(splits[name], found[name], reencode_root / name, args)
@@ -206,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             splits[name] = reencode_root / name
 
     index = {name: i for i, name in enumerate(class_names)}
-    usable = {}
+    usable, gpu_only = {}, {}
     for name, folder in splits.items():
         list_file = out / LIST_NAMES[name]
         paths = [str(folder / clip.relative) for clip in found[name]]
@@ -223,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         results.update(infos)
         results.update(failures)
         failures = {p: r for p, r in results.items() if isinstance(r, str)}
+        infos = {p: r for p, r in results.items() if not isinstance(r, str)}
         for bar in bars:
             bar.close()
         problems[name] += [(Path(p).relative_to(folder).as_posix(), reason) for p, reason in failures.items()]
@@ -231,13 +302,34 @@ def main(argv: list[str] | None = None) -> None:
         prepare_index(str(list_file), str(folder), len(class_names), index_file(list_file), args.workers,
                       known=results)
         usable[name] = len(kept)
+        gpu_only[name] = sum(info.codec not in CPU_CODECS for info in infos.values())
         print(f"{name}: {len(kept)} usable clips -> {list_file} ({len(problems[name])} left out)", file=sys.stderr)
     (out / "class_names.txt").write_text("".join(f"{name}\n" for name in class_names))
     _write_summary(out / "prepare_summary.txt", splits, usable, problems)
-    roots = {"train": "data.root", "val": "data.val_root"}
-    overrides = [f"--set {roots[n]}={splits[n]} --set data.{n}_list={out / LIST_NAMES[n]}" for n in splits]
-    print(f"summary: {out / 'prepare_summary.txt'}\nuse with: " + " ".join(overrides)
-          + f" --set data.class_names={out / 'class_names.txt'}", file=sys.stderr)
+    print(f"summary: {out / 'prepare_summary.txt'}", file=sys.stderr)
+    if sum(gpu_only.values()):
+        print(cpu_decoding_note(gpu_only, usable), file=sys.stderr)
+    print("use with: " + " ".join(config_overrides(splits, out)), file=sys.stderr)
+
+
+def config_overrides(splits: dict[str, Path], out: Path) -> list[str]:
+    """The `--set` flags that point train.py and evaluate.py at the lists: train, val, and the val split as the
+    test split (MMAction2's K400 configs test on the validation videos)."""
+    flags = []
+    if "train" in splits:
+        flags += [f"--set data.root={splits['train']}", f"--set data.train_list={out / LIST_NAMES['train']}"]
+    if "val" in splits:
+        for key in ("val", "test"):
+            flags += [f"--set data.{key}_root={splits['val']}", f"--set data.{key}_list={out / LIST_NAMES['val']}"]
+    return flags + [f"--set data.class_names={out / 'class_names.txt'}"]
+
+
+def cpu_decoding_note(gpu_only: dict[str, int], usable: dict[str, int]) -> str:
+    """One line: how many usable videos only a GPU can decode, and what to do to train on a CPU."""
+    counts = ", ".join(f"{name} {gpu_only[name]} of {usable[name]}" for name in gpu_only)
+    return (f"{sum(gpu_only.values())} usable videos ({counts}) are in codecs DALI decodes only on a GPU (NVDEC; "
+            f"its CPU decoder reads {'/'.join(CPU_CODECS)}): training on a machine without a GPU needs them "
+            "rewritten: rerun with --reencode --codec vp9")
 
 
 def _class_names(class_names_file: str | None, found: dict[str, list[Clip]]) -> list[str]:
