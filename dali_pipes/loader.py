@@ -473,8 +473,8 @@ def usable_videos(index: VideoIndex, list_file: str, root: str) -> tuple[ListVid
     return videos, skipped
 
 
-class ListRecords(Sequence):
-    """VideoLoader.records: VideoRecord(path, label, num_frames) of each usable video, built when asked for."""
+class _UsableRows(Sequence):
+    """A read-only sequence over the usable videos of a ListVideos, each item built when asked for (`_item`)."""
 
     def __init__(self, videos: ListVideos):
         self.videos = videos
@@ -487,36 +487,31 @@ class ListRecords(Sequence):
             return [self[k] for k in range(*i.indices(len(self)))]
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        i %= len(self)
+        return self._item(i % len(self))
+
+    def _item(self, i: int):
+        raise NotImplementedError
+
+
+class ListRecords(_UsableRows):
+    """VideoLoader.records: VideoRecord(path, label, num_frames) of each usable video."""
+
+    def _item(self, i: int) -> VideoRecord:
         return VideoRecord(self.videos.path(i), int(self.videos.labels[i]), int(self.videos.num_frames[i]))
 
 
-class PathSequence(Sequence):
-    """The usable videos' paths, decoded when asked for."""
+class PathSequence(_UsableRows):
+    """The usable videos' paths."""
 
-    def __init__(self, videos: ListVideos):
-        self.videos = videos
-
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.videos.path(i % len(self))
+    def _item(self, i: int) -> str:
+        return self.videos.path(i)
 
 
-class InfoSequence(PathSequence):
-    """The usable videos' VideoInfos, built when asked for (for code that takes a list of them)."""
+class InfoSequence(_UsableRows):
+    """The usable videos' VideoInfos (for code that takes a list of them)."""
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return self.videos.info(i % len(self))
+    def _item(self, i: int) -> VideoInfo:
+        return self.videos.info(i)
 
 
 def probe_list(list_file: str, root: str, num_classes: int, num_workers: int = 8,
