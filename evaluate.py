@@ -24,6 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from threads_env import set_openmp_defaults  # nothing in it imports torch
+
+set_openmp_defaults()  # before torch loads its OpenMP runtime, which reads them once
+
 import torch
 import torch.distributed as dist
 from torch import nn

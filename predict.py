@@ -23,6 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from threads_env import set_openmp_defaults  # nothing in it imports torch
+
+set_openmp_defaults()  # before torch loads its OpenMP runtime, which reads them once
+
 import torch
 from tqdm import tqdm
 

@@ -38,6 +38,7 @@ from dali_pipes.index import VideoIndex
 from dali_pipes.lists import ListError
 from dali_pipes.loader import LoaderError, VideoLoader, mode_list, open_list_index
 from model import CheckpointError
+from threads_env import user_omp_num_threads
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,10 @@ class ThreadBudget:
         used = self.dali_threads + self.source_workers + (self.torch_threads or 0)
         torch_part = (f"torch {self.torch_threads} ({self.torch_from})" if self.torch_threads is not None
                       else f"torch threads left as they are ({torch.get_num_threads()}, GPU machine)")
-        over = f"; over the share by {used - self.share}" if used > self.share else ""
+        if (self.dali_from, self.torch_from) == ("auto", "auto"):
+            over = "; DALI's threads overlap torch's (they decode while torch computes)"
+        else:
+            over = f"; over the share by {used - self.share}" if used > self.share else ""
         return (f"threads: {self.cores} cores for {self.processes} process{'es' if self.processes != 1 else ''} "
                 f"here, {self.share} for this one: DALI {self.dali_threads} ({self.dali_from}) + source workers "
                 f"{self.source_workers} + {torch_part}{over}")
@@ -365,13 +369,17 @@ class ThreadBudget:
 
 def decide_thread_budget(num_threads: int, source_workers: int, on_gpu: bool, cores: int, processes: int,
                          omp_num_threads: str | None) -> ThreadBudget:
-    """The thread split of one process: DALI threads + source workers + torch threads <= cores // processes.
+    """The thread split of one process within its share of the cores (cores // processes).
 
     num_threads is data.num_threads (0: auto) and omp_num_threads the OMP_NUM_THREADS environment value (None or
     '': unset); an explicit value of either is kept, and the automatic one gets what is left of the share (at
-    least 1). Automatic on a CPU: the share less the source workers, half (rounded down, at least 1) to DALI and
-    the rest to torch. torch's intra-op threads and DALI's threads otherwise each assume all the cores and
-    thrash (the demo ran 4-10x slower under load with torch's default). On a GPU torch does little CPU work:
+    least 1). Automatic on a CPU: the share less the source workers is the room; torch gets all of it and DALI
+    half of it (rounded down, at least 1). DALI's threads overlap torch's on purpose: they decode the next batches
+    while torch computes and sleep while it waits, and torch's OpenMP threads wait passively (threads_env.py sets
+    OMP_WAIT_POLICY and OMP_NUM_THREADS before the scripts load torch), so the overlap costs little. Measured on the 2-core dev machine
+    (benchmarks/cpu_threads.py, docs/PERFORMANCE.md "CPU threads"): with passive waits torch 2 + DALI 1 was the
+    fastest split idle and beside a 2-process load; torch 1 + DALI 1 ran at 0.80x of it; torch's default (one
+    thread per core) with DALI's 4 and spinning waits at 0.68x under load. On a GPU torch does little CPU work:
     its threads are left alone and DALI gets min(GPU_AUTO_DALI_THREADS, what the share leaves).
     """
     share = max(1, cores // max(processes, 1))
@@ -396,7 +404,7 @@ def decide_thread_budget(num_threads: int, source_workers: int, on_gpu: bool, co
     else:
         dali_threads, dali_from = max(1, room // 2), "auto"
     if torch_threads is None and not on_gpu:
-        torch_threads, torch_from = max(1, room - dali_threads), "auto"
+        torch_threads, torch_from = (room if dali_from == "auto" else max(1, room - dali_threads)), "auto"
     return ThreadBudget(cores, processes, dali_threads, source_workers, torch_threads, dali_from, torch_from)
 
 
@@ -406,7 +414,7 @@ def apply_thread_budget(cfg: Config, ctx: DistContext) -> Config:
     budget = decide_thread_budget(cfg.data.num_threads, cfg.data.source_workers, ctx.device.type == "cuda",
                                   cores=len(os.sched_getaffinity(0)),
                                   processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                                  omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+                                  omp_num_threads=user_omp_num_threads())
     if budget.torch_threads is not None and budget.torch_threads != torch.get_num_threads():
         torch.set_num_threads(budget.torch_threads)
     if ctx.is_main:

@@ -35,6 +35,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from threads_env import set_openmp_defaults  # nothing in it imports torch
+
+set_openmp_defaults()  # before torch loads its OpenMP runtime, which reads them once
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -14,8 +14,10 @@ iterations are timed, then the process is killed. clips/s is the clips of the ti
 (train.py's own perf/clips_per_s per window, combined). Variants:
 - defaults: no OMP_NUM_THREADS, demo.yaml as it is (data.num_threads 0: runtime.apply_thread_budget decides);
 - omp1, omp2: OMP_NUM_THREADS=1 or 2 (torch's threads; DALI's from the budget's remainder);
-- before (optional): what train.py did before the budget: torch one thread per core (OMP_NUM_THREADS=cores)
-  and data.num_threads=4.
+- before (optional): the thread counts train.py had before the budget: torch one thread per core
+  (OMP_NUM_THREADS=cores) and data.num_threads=4 (but with the scripts' passive OpenMP waits, which came later).
+Every variant runs with OMP_WAIT_POLICY=PASSIVE, which train.py sets before torch loads unless the environment
+has a value (this script passes its own environment on, less OMP_NUM_THREADS).
 Conditions: idle, then load: --load-procs busy Python processes (`while True: pass`) started before the
 variants and stopped after them. The variants alternate within a condition (--repeats rounds; the median per
 variant counts). One JSON line per measurement (the machine, the load average, train.py's `threads:` line,

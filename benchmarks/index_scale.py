@@ -20,6 +20,7 @@ in a fresh process each (the index's pages warm in the page cache, as for every 
 `cold_probe` (once): ms per video to probe the real clips and write their index (this code, index.prepare_index on
 a fresh index), against the probe plus the version-3 JSON cache write the code before it did (the same probe
 results dumped as that file's entries), same run.
+- `gpu_routing_plan`: seconds of nvdec.plan_decoding over every usable video (what a GPU rank adds at start-up).
 `cut` (once): ms per GOP cut, block parse against packet table, on the real clips.
 One JSON line per measurement (stdout).
 """
@@ -193,7 +194,9 @@ def measure(list_file: str, root: str) -> None:
     import torch  # noqa: F401  (imported before the clock, as train.py has it)
 
     from config import DataConfig
-    from dali_pipes.loader import BatchSource, VideoLoader, open_list_index
+    from dali_pipes.loader import BatchSource, PathSequence, VideoLoader, open_list_index
+    from dali_pipes.nvdec import plan_decoding
+    from dali_pipes.probe import CPU_CODECS
 
     cfg = DataConfig(root=root, train_list=list_file, clip_len=8, frame_interval=8, short_side=256, train_crop=224,
                      num_threads=2)
@@ -217,6 +220,13 @@ def measure(list_file: str, root: str) -> None:
            rss_mb=round(after["Rss"] - before["Rss"], 1))
     payload = pickle.dumps(BatchSource(loader.spec, 0, 0, videos=loader.videos))
     record("source_payload", videos=videos, bytes=len(payload))
+    # What a GPU rank adds to its start-up: NVDEC's plan for every usable video (a CPU computation, measured here
+    # for a Hopper GPU, compute capability 9.0, with data.decode_device=auto).
+    start = time.perf_counter()
+    on_cpu, _ = plan_decoding(PathSequence(loader.videos), loader.videos.decoder_fields(), "auto", (9, 0),
+                              CPU_CODECS)
+    record("gpu_routing_plan", videos=videos, seconds=round(time.perf_counter() - start, 3),
+           decoded_on_cpu=int(sum(on_cpu)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""runtime's CPU thread budget: DALI threads + source workers + torch threads fit the cores a process may use."""
+"""runtime's CPU thread budget: the share of the cores a process may use, split between DALI, its source workers and
+torch (automatic: torch the share less the source workers, DALI half of that beside it), explicit values kept."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from config import ConfigError, load_config
 from runtime import DistContext, apply_thread_budget, decide_thread_budget
+from threads_env import AUTO_MARK
 
 
 def split(budget) -> tuple[int, int, int | None]:
@@ -17,15 +19,15 @@ def split(budget) -> tuple[int, int, int | None]:
 
 
 @pytest.mark.parametrize("cores, processes, workers, expected", [
-    (2, 1, 0, (1, 0, 1)),  # the 2-core machine: one thread each
-    (16, 1, 0, (8, 0, 8)),
-    (16, 2, 0, (4, 0, 4)),  # two torchrun processes on one machine share its cores
-    (16, 2, 2, (3, 2, 3)),  # source workers take their cores first
-    (3, 1, 0, (1, 0, 2)),
-    (1, 1, 0, (1, 0, 1)),  # less than one core each: never 0 threads (over the share, and said so)
+    (2, 1, 0, (1, 0, 2)),  # the 2-core machine: torch both cores, DALI one thread beside them
+    (16, 1, 0, (8, 0, 16)),
+    (16, 2, 0, (4, 0, 8)),  # two torchrun processes on one machine share its cores
+    (16, 2, 2, (3, 2, 6)),  # source workers take their cores first
+    (3, 1, 0, (1, 0, 3)),
+    (1, 1, 0, (1, 0, 1)),  # less than one core each: never 0 threads
     (4, 8, 0, (1, 0, 1)),
 ])
-def test_automatic_split_fits_the_share(cores, processes, workers, expected):
+def test_automatic_split_gives_torch_the_room_and_dali_half_of_it(cores, processes, workers, expected):
     budget = decide_thread_budget(0, workers, on_gpu=False, cores=cores, processes=processes, omp_num_threads=None)
     assert split(budget) == expected
     assert (budget.dali_from, budget.torch_from) == ("auto", "auto")
@@ -72,9 +74,38 @@ def test_applied_budget_reads_the_affinity_sets_torch_and_logs_one_line(one_core
     assert resolved.data.num_threads == 1 and cfg.data.num_threads == 0  # the config itself still says auto
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("threads:")]
     assert lines == ["threads: 1 cores for 1 process here, 1 for this one: DALI 1 (auto) + source workers 0 + "
-                     "torch 1 (auto); over the share by 1"]
+                     "torch 1 (auto); DALI's threads overlap torch's (they decode while torch computes)"]
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # an explicit torch count is not touched
     torch.set_num_threads(2)
     resolved = apply_thread_budget(load_config("demo.yaml", ["data.num_threads=3"]), DistContext())
     assert torch.get_num_threads() == 2 and resolved.data.num_threads == 3
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "predict"])
+def test_the_scripts_set_openmp_defaults_before_torch_loads_and_a_users_value_wins(script):
+    """OMP_WAIT_POLICY and OMP_NUM_THREADS are read once, when torch loads its OpenMP runtime: each script sets them
+    (PASSIVE, this process's share of the cores) before it imports torch; values in the environment win, and the
+    budget then treats OMP_NUM_THREADS as the user's only when it is not the value the script chose."""
+    import subprocess
+    import sys
+
+    code = ("import builtins, os, sys\nreal = builtins.__import__\n"
+            "def watch(name, *a, **k):\n"
+            "    if name == 'torch' and 'torch' not in sys.modules:\n"
+            "        print('when torch loads:', os.environ.get('OMP_WAIT_POLICY'), os.environ.get('OMP_NUM_THREADS'))\n"
+            "    return real(name, *a, **k)\n"
+            f"builtins.__import__ = watch\nimport {script}\n"
+            "from threads_env import user_omp_num_threads\nprint('user value:', user_omp_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", AUTO_MARK)}
+    env.update(CUDA_VISIBLE_DEVICES="", LOCAL_WORLD_SIZE="1")
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+
+    cores = len(os.sched_getaffinity(0))
+    assert run() == [f"when torch loads: PASSIVE {cores}", "user value: None"]
+    env.update(OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="3")
+    assert run() == ["when torch loads: ACTIVE 3", "user value: 3"]
+    env.update(OMP_NUM_THREADS="1", **{AUTO_MARK: "2"})  # a parent script chose 2; the user then asked for 1
+    assert run() == ["when torch loads: ACTIVE 1", "user value: 1"]
