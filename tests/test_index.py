@@ -354,7 +354,10 @@ def test_index_scale_benchmark_smoke(tmp_path):
                            "1400", "--data-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     records = {r["variant"]: r for r in map(json.loads, done.stdout.splitlines())}
-    assert set(records) == {"cold_probe", "cut", "index_file", "warm_start", "memory", "source_payload"}
+    assert set(records) == {"cold_probe", "cut", "index_file", "warm_start", "memory", "source_payload",
+                            "gpu_routing_plan"}
     assert records["warm_start"]["videos"] == records["index_file"]["videos"] == 1400
+    # The synthetic clips are 340x256 VP9 without alt-refs: Hopper's NVDEC takes them all.
+    assert records["gpu_routing_plan"]["videos"] == 1400 and records["gpu_routing_plan"]["decoded_on_cpu"] == 0
     assert 0 < records["source_payload"]["bytes"] < 1024 and records["memory"]["index_mapped_mb"] > 0
     assert not list(tmp_path.glob("kinetics_*")) and not list(tmp_path.glob("list_*"))

@@ -57,6 +57,7 @@ def one_core(monkeypatch):
     """This thread pinned to one CPU (what `taskset -c N` gives a process), torch's threads restored after."""
     affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(AUTO_MARK, raising=False)  # set in this process when a test imported train.py
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     os.sched_setaffinity(0, {min(affinity)})
     yield
