@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoints import Progress, process_state, restore_process_state, training_checkpoint
 from config import load_config
 from model import build_model
 from runtime import DistContext, MetricLog, StopRequests, rng_state, stop_exit_code
+from gloo_helpers import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU even where a GPU is visible
@@ -301,10 +301,7 @@ def _agreement_worker(rank: int, init_file: str, results) -> None:
 
 
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_agreement_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
-        results = dict(results)
+    results = run_two_processes(_agreement_worker, tmp_path)
     assert results == {0: (False, True, signal.SIGTERM), 1: (False, True, signal.SIGTERM)}
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from checkpoints import write_checkpoint_files
@@ -19,6 +18,7 @@ from evaluate import (accuracy_metrics, average_views, dump_records, evaluate, f
                       mean_class_accuracy, newest_run, parse_args, resolve_run)
 from memory_loader import MemoryLoader
 from model import CheckpointError, build_model, load_checkpoint
+from gloo_helpers import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.depth=18", "model.base_channels=8", "model.num_classes=4", "model.sync_bn=false"]
@@ -146,10 +146,7 @@ def _gather_worker(rank, init_file, results):
 
 
 def test_two_processes_score_each_video_exactly_once(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_gather_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
-        results = dict(results)
+    results = run_two_processes(_gather_worker, tmp_path)
     assert (results[0][0], results[1][0]) == (3, 2)
     torch.manual_seed(0)
     model = build_model(depth=18, num_classes=4, base_channels=8)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from checkpoints import (LATEST_NAME, find_best_checkpoint, find_latest_checkpoint, remove_stale_temp_files,
@@ -22,6 +21,7 @@ from checkpoints import (LATEST_NAME, find_best_checkpoint, find_latest_checkpoi
 from model import read_checkpoint
 from runtime import (FILE_ONLY, default_work_dir, gather_objects, reduce_max, reduce_sum, rng_state, seed_everything,
                      set_rng_state, setup_logging, sync_buffers)
+from gloo_helpers import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,10 +158,7 @@ def _collective_worker(rank, init_file, results):
 
 
 def test_reductions_and_buffer_sync_across_two_gloo_processes(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_collective_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
-        results = dict(results)
+    results = run_two_processes(_collective_worker, tmp_path)
     for rank in (0, 1):
         summed, top, gathered, mean, var, count = results[rank]
         assert summed == [2.0, 3.0] and top == [1.0, 5.0]

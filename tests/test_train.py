@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoints import Progress, find_best_checkpoint, training_checkpoint
@@ -26,6 +25,7 @@ from model import build_model, load_checkpoint, read_checkpoint
 from runtime import DistContext, MetricLog, rng_state, seed_everything
 from train import (build_optimizer, build_scheduler, cosine_factor, fit, prepare_model, resume_training, scaled_lr,
                    train_one_epoch)
+from gloo_helpers import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DistContext()
@@ -169,10 +169,7 @@ def _epoch_worker(rank, init_file, work_dir, results):
 
 def test_two_processes_end_an_epoch_with_the_same_bn_statistics(tmp_path):
     """Each rank's BNs see only its own shard (DDP does not broadcast buffers); fit() averages them per epoch."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_epoch_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), results), nprocs=2)
-        results = dict(results)
+    results = run_two_processes(_epoch_worker, tmp_path, str(tmp_path))
     means = [name for name in results[0] if name.endswith("running_mean")]
     assert means
     for name in results[0]:

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import train
 from model import build_model
 from runtime import LOCK_NAME, DistContext, WorkDirBusy, lock_work_dir, on_main_then_all
+from gloo_helpers import run_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU even where a GPU is visible
@@ -113,10 +113,7 @@ def _rank_zero_refuses(rank, init_file, results):
 
 
 def test_rank_zeros_start_error_is_raised_on_every_rank(tmp_path):
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_zero_refuses, args=(str(tmp_path / "rendezvous"), results), nprocs=2)
-        results = dict(results)
+    results = run_two_processes(_rank_zero_refuses, tmp_path)
     expected = "WorkDirBusy: work_dirs/x is in use by train.py pid 1 on host h since then; wait for it"
     assert results[0] == expected and results[1] == expected  # rank 1 did not run the step, and did not hang
     assert results["0 answers"] == "rank 0's value" and results["1 answers"] is None
