@@ -7,10 +7,10 @@
     torchrun --nproc-per-node 8 evaluate.py --work-dir work_dirs/k400_8x8x1 --views 10x3
 
 Each video of data.test_list is scored on exactly one process: a softmax per view, then the mean over its
-views (reference §5.2). Prints top-1, top-5 and mean class accuracy (§5.3; fractions as MMAction2's acc/top1),
+views (MMAction2's test-time view averaging). Prints top-1, top-5 and mean class accuracy (MMAction2's AccMetric; fractions as MMAction2's acc/top1),
 the videos scored and skipped, and videos/s; while it runs, rank 0 logs its progress every test.log_interval
 batches (ProgressLog). `--dump` writes one record per video in list order with
-MMAction2's fields (§5.4) plus the video path. On a GPU inference runs under autocast (test.amp) in
+MMAction2's fields (its DumpResults output) plus the video path. On a GPU inference runs under autocast (test.amp) in
 channels_last_3d with every BatchNorm folded into the conv before it. train.py validates with `evaluate()`.
 """
 

@@ -1,4 +1,4 @@
-"""Train R(2+1)D on a video list with DALI decoding, following MMAction2's recipe (reference §1).
+"""Train R(2+1)D on a video list with DALI decoding, following MMAction2's recipe (its r2plus1d_r34_8xb8 configs).
 
     python train.py --config k400_8x8x1.yaml                                   # one process: one GPU or the CPU
     torchrun --nproc-per-node 8 train.py --config k400_8x8x1.yaml              # 8 GPUs of one machine

@@ -165,7 +165,9 @@ def measure(variant: str, condition: str, data_dir: Path, args: argparse.Namespa
             "median_ms": round(batch * 1e3 / median_rate, 1) if median_rate else None,
             "clips_per_s_median": round(median_rate, 3) if median_rate else None,
             "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
-            "omp_num_threads": extra_env.get("OMP_NUM_THREADS"), "overrides": overrides, "threads_line": threads,
+            "omp_num_threads": extra_env.get("OMP_NUM_THREADS"),
+            "overrides": [o.replace(f"{REPO_ROOT}{os.sep}", "") for o in overrides],  # paths relative to the repo
+            "threads_line": threads,
             "partial": partial, "wall_s": round(wall_s, 1),
             "clips_per_s": round(clips_per_s, 3) if clips_per_s else None,
             "window_clips_per_s": [round(r, 2) for r in rates],

@@ -6,7 +6,7 @@
     loader = baseline_loader(dataset, batch_size=8, num_workers=2)   # uint8 (B, V, 3, T, H, W) per batch
     to_model = normaliser(device)     # MMAction2's data preprocessor: float32 normalised (B*V, 3, T, H, W)
 
-Per video, as MMAction2's train pipeline (reference §1.1, §6.1) with PyAVInit/PyAVDecode in place of decord:
+Per video, as MMAction2's train pipeline (its R(2+1)D configs' train_pipeline; docs/PIPELINE.md) with PyAVInit/PyAVDecode in place of decord:
 SampleFrames -> decode -> Resize(-1, short_side) -> RandomResizedCrop -> Resize(crop, crop) -> Flip(0.5);
 test mode: SampleFrames(test_mode) -> decode -> Resize(-1, short_side) -> ThreeCrop or CenterCrop. The frame
 indices, crop boxes and flips come from dali_pipes.sampling and dali_pipes.geometry, the functions our DALI

@@ -1,7 +1,8 @@
 """Where the pixels of a clip come from: MMAction2's resize sizes and crop boxes, as pure numpy functions.
 
-Reference §6.1. The DALI pipelines only execute these numbers (per-sample sizes and slice boxes), so the
-geometry that decides accuracy parity is computed, and tested, here without DALI. Boxes are (y, x, h, w) in
+MMAction2's `mmaction/datasets/transforms/processing.py` (docs/PIPELINE.md, Geometry). The DALI pipelines only
+execute these numbers (per-sample sizes and slice boxes), so the geometry that decides accuracy parity is computed,
+and tested, here without DALI. Boxes are (y, x, h, w) in
 pixels of the short-side-resized frame.
 """
 
@@ -11,7 +12,7 @@ import math
 
 import numpy as np
 
-MEAN_RGB = (123.675, 116.28, 103.53)  # normalisation after all geometric steps: ImageNet statistics x 255 (§6.2)
+MEAN_RGB = (123.675, 116.28, 103.53)  # normalisation after all geometric steps: ImageNet statistics x 255 (MMAction2's ActionDataPreprocessor)
 STD_RGB = (58.395, 57.12, 57.375)
 RRC_AREA_RANGE = (0.08, 1.0)  # RandomResizedCrop defaults: fraction of the frame area
 RRC_ASPECT_RANGE = (3 / 4, 4 / 3)  # width / height

@@ -2,7 +2,7 @@
 
 For each video we demux the packets of its first video stream (PyAV; no pixel is decoded) and keep:
 - `num_frames`: the number of non-empty video packets that show a frame. WebM carries no frame count at all, and
-  an MP4's nb_frames can disagree with the packets (reference §10.4), so packets decide. DALI numbers frames by
+  an MP4's nb_frames can disagree with the packets (decord#373, mmaction2#887; docs/PIPELINE.md), so packets decide. DALI numbers frames by
   packet too, so one packet must show exactly one frame. For VP8 and VP9 the probe reads each packet's show_frame
   flag (`shown_frames`: a VP9 superframe shows what its frames show, e.g. a hidden alt-ref frame packed with a
   shown one shows one). Packets that show nothing at the end of a file are left out of the count, the keyframes

@@ -1,7 +1,7 @@
 """Which frames a clip reads: MMAction2's SampleFrames, as pure numpy functions (no DALI, no torch).
 
-Reference §4. A video of `num_frames` frames gives `num_clips` clips of `clip_len` frames taken every
-`frame_interval` frames. Training places each clip at a random offset inside its share of the video; testing
+MMAction2's `SampleFrames` (`mmaction/datasets/transforms/loading.py`; docs/PIPELINE.md). A video of `num_frames`
+frames gives `num_clips` clips of `clip_len` frames taken every `frame_interval` frames. Training places each clip at a random offset inside its share of the video; testing
 spreads the clips evenly. Indices past the end wrap around ('loop'), so short videos are looped, never padded.
 Training randomness comes from a generator seeded by (seed, epoch, sample index), so a run repeats exactly and a
 resumed epoch draws what the interrupted one would have.

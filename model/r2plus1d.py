@@ -2,8 +2,9 @@
 
 Tran et al., "A Closer Look at Spatiotemporal Convolutions for Action Recognition", CVPR 2018. Attribute
 names mirror MMAction2's Recognizer3D (`backbone.layer2.0.conv1.conv.conv_s`, `cls_head.fc_cls`, ...), so its
-checkpoints load with `load_state_dict(strict=True)` and no renaming. The facts this code follows are in
-shared/reference/R2PLUS1D_REFERENCE.md §2 (architecture) and §3 (state-dict keys).
+checkpoints load with `load_state_dict(strict=True)` and no renaming. Sources (docs/MODEL.md lists them): the paper
+(arXiv:1711.11248, §3.5 for the middle width) and MMAction2 1.2.0's `mmaction/models/backbones/resnet2plus1d.py`,
+`resnet3d.py`, `mmaction/models/common/conv2plus1d.py` and `mmaction/models/heads/i3d_head.py`.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class BasicBlock(nn.Module):
         self.conv1 = ConvModule(in_channels, planes, 3, stride, 1, relu=True)
         self.conv2 = ConvModule(planes, planes, 3, 1, 1, relu=False)
         needs_shortcut = spatial_stride != 1 or in_channels != planes
-        # The shortcut is itself a factorised 1x1x1 (2+1)D conv, inner BN and ReLU included (reference §2.5).
+        # The shortcut is itself a factorised 1x1x1 (2+1)D conv, inner BN and ReLU included (MMAction2 resnet3d.py: the downsample ConvModule takes the backbone's conv_cfg, Conv2plus1d).
         self.downsample = ConvModule(in_channels, planes, 1, stride, 0, relu=False) if needs_shortcut else None
         self.relu = nn.ReLU(inplace=True)
 

@@ -31,7 +31,7 @@ def test_shape_flag_and_config_errors():
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
     assert result["view_shape"] == [3, 8, 224, 224]
-    assert round(result["macs_by_op"]["conv"] / 1e9, 2) == 40.56  # reference §7: conv MACs at 224x224
+    assert round(result["macs_by_op"]["conv"] / 1e9, 2) == 40.56  # conv MACs at 224x224, as mmcv's counter (MMAction2 get_flops.py) gives them
     assert result["params"] == 63_759_281 - 390 * 513
     bad = subprocess.run([sys.executable, "tools/count_flops.py", "--config", "k400_8x8x1.yaml",
                           "--set", "model.depht=18"], cwd=REPO, capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""Resize sizes and crop boxes as MMAction2 computes them (reference §6.1)."""
+"""Resize sizes and crop boxes as MMAction2 computes them (mmaction/datasets/transforms/processing.py)."""
 
 import pytest
 

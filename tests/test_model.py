@@ -14,7 +14,7 @@ STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
 def mmaction2_conv_modules(depth):
-    """(prefix, in, out, kernel, stride (t, s), relu) of every ConvModule, from the reference's naming rules (§3.1)."""
+    """(prefix, in, out, kernel, stride (t, s), relu) of every ConvModule, from MMAction2's module naming rules (docs/MODEL.md)."""
     rows = [("backbone.conv1", 3, 64, (3, 7, 7), (1, 2), True)]
     inplanes = 64
     for s, blocks in enumerate(STAGES[depth], start=1):
@@ -56,7 +56,7 @@ def mmaction2_checkpoint(depth=34, num_classes=400, seed=0):
 
 
 def reference_forward(sd, x, depth):
-    """The network written straight from the reference with torch.nn.functional, independent of model/."""
+    """The network written straight from MMAction2's module definitions with torch.nn.functional, independent of model/."""
     def bn(prefix, x, eps):
         return F.batch_norm(x, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"],
                             sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], training=False, eps=eps)

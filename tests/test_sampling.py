@@ -1,4 +1,5 @@
-"""SampleFrames parity: the reference's worked examples and the train-mode rules (reference §4)."""
+"""SampleFrames parity with MMAction2 (mmaction/datasets/transforms/loading.py): worked examples and the train-mode
+rules."""
 
 import numpy as np
 import pytest
