@@ -376,10 +376,10 @@ def decide_thread_budget(num_threads: int, source_workers: int, on_gpu: bool, co
     least 1). Automatic on a CPU: the share less the source workers is the room; torch gets all of it and DALI
     half of it (rounded down, at least 1). DALI's threads overlap torch's on purpose: they decode the next batches
     while torch computes and sleep while it waits, and torch's OpenMP threads wait passively (threads_env.py sets
-    OMP_WAIT_POLICY and OMP_NUM_THREADS before the scripts load torch), so the overlap costs little. Measured on the 2-core dev machine
-    (benchmarks/cpu_threads.py, docs/PERFORMANCE.md "CPU threads"): with passive waits torch 2 + DALI 1 was the
-    fastest split idle and beside a 2-process load; torch 1 + DALI 1 ran at 0.80x of it; torch's default (one
-    thread per core) with DALI's 4 and spinning waits at 0.68x under load. On a GPU torch does little CPU work:
+    OMP_WAIT_POLICY and OMP_NUM_THREADS before the scripts load torch), so the overlap costs little. Measured on
+    the 2-core dev machine (benchmarks/cpu_threads.py, docs/PERFORMANCE.md "CPU threads"): torch 2 + DALI 1 was
+    the fastest split idle and beside a 2-process load; torch 1 + DALI 1 ran at 0.73x of it idle; the old
+    setting (torch a thread per core, DALI 4, spinning waits) at 0.67x under load. On a GPU torch does little CPU work:
     its threads are left alone and DALI gets min(GPU_AUTO_DALI_THREADS, what the share leaves).
     """
     share = max(1, cores // max(processes, 1))

@@ -1071,23 +1071,6 @@ def _read_boxed_index(frame) -> int:
     return read_index(frame[3 * height // 8:5 * height // 8, 3 * width // 8:5 * width // 8])
 
 
-def _encode_clip(path: Path, frames, encoder: str, pix_fmt: str, options: dict, bit_rate: int | None) -> Path:
-    """Encodes RGB frames with a PyAV encoder into `path` (the container from its suffix)."""
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(encoder, rate=30, options=options)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        if bit_rate:
-            stream.bit_rate = bit_rate  # libvpx places alt-refs in one pass only with a VBR target
-        for pts, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
-            frame.pts = pts
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
-
-
 def _clip_kind_checks(work: Path, cuda: bool, smoke: bool):
     """Per clip kind: made or not (and why), what the probe and nvdec.py say, the CPU decoder's numbering (VP9),
     and on a GPU what `mixed` returns: frame numbering against the requested frames, pixels against the emulated
@@ -1099,6 +1082,7 @@ def _clip_kind_checks(work: Path, cuda: bool, smoke: bool):
     from benchmarks.nvdec_colour import dali_gpu_rgb, pixel_difference, yuv420_planes
     from dali_pipes.nvdec import nvdec_refusal
     from dali_pipes.probe import CPU_CODECS, ProbeError, probe_video
+    from tools.make_synthetic import encode_clip
 
     num_frames = 40 if smoke else 60
     wanted = list(range(num_frames))  # every frame: a numbering shifted by a hidden frame shows from there on
@@ -1112,7 +1096,7 @@ def _clip_kind_checks(work: Path, cuda: bool, smoke: bool):
             continue
         path = work / f"{kind}.{'webm' if encoder.startswith('libvpx') else 'mp4'}"
         try:
-            _encode_clip(path, _boxed_index_frames(num_frames, height, width), encoder, pix_fmt, options, bit_rate)
+            encode_clip(path, _boxed_index_frames(num_frames, height, width), encoder, pix_fmt, options, bit_rate)
             info = probe_video(path)
         except (av.FFmpegError, ValueError, ProbeError) as e:
             yield {**base, "gpu": True, "status": "skipped", "reason": f"cannot make it here: {_one_line(e)}"}

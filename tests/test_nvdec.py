@@ -8,7 +8,7 @@ import pytest
 
 from dali_pipes.nvdec import RoutingError, generation, nvdec_refusal, pixel_format, plan_decoding
 from dali_pipes.probe import CPU_CODECS, probe_video
-from tools.make_synthetic import index_frames, write_video
+from tools.make_synthetic import encode_clip, index_frames, write_video
 
 HOPPER, A100, ADA, BLACKWELL, TURING, PASCAL = (9, 0), (8, 0), (8, 9), (10, 0), (7, 5), (6, 1)
 
@@ -86,16 +86,7 @@ def test_the_table_on_probed_clips(videos, h264_k400_size):
 @pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="this PyAV has no AV1 encoder (libsvtav1)")
 def test_a_probed_av1_clip_is_named_av1_and_planned_by_generation(tmp_path):
     """PyAV decodes AV1 with libdav1d: the probe names the codec (av1), not the decoder, so the table applies."""
-    path = tmp_path / "av1.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libsvtav1", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 256, 192, "yuv420p"
-        for pts, rgb in enumerate(index_frames(4, 192, 256)):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = pts
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    probed = probe_video(path)
+    probed = probe_video(encode_clip(tmp_path / "av1.mp4", index_frames(4, 192, 256), "libsvtav1"))
     assert probed.codec == "av1"
     assert nvdec_refusal(probed.codec, probed.profile, probed.pix_fmt, probed.width, probed.height, HOPPER) == \
         "no AV1 decoding on Hopper (NVDEC has it on Ampere GA10x, Ada and Blackwell)"

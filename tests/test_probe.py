@@ -8,7 +8,7 @@ import pytest
 from dali_pipes.probe import (ProbeError, clean_keyframes, probe_video, probe_videos, shown_frames,
                               unpack_packets, vp9_frames)
 from media_helpers import CpuDecoder, write_audio_only
-from tools.make_synthetic import index_frames, read_index, write_video
+from tools.make_synthetic import encode_clip, index_frames, read_index, write_video
 
 
 def decoded_frame_count(path):
@@ -108,18 +108,10 @@ def hide_frames(source, target, packet_numbers, flag=0x02):
 
 def write_alt_ref_clip(path, frames):
     """libvpx-vp9 with a lookahead and automatic alt-ref frames: hidden alt-ref frames, each packed into a
-    superframe with the next shown frame. (This libvpx uses alt-refs in one pass only in realtime VBR mode.)"""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libvpx-vp9", rate=30, options={
-            "deadline": "realtime", "cpu-used": "5", "lag-in-frames": "25", "auto-alt-ref": "1"})
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.bit_rate = 200_000  # VBR (a CRF or CBR rate control gets no alt-refs)
-        for pts, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = pts
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return path
+    superframe with the next shown frame. (This libvpx uses alt-refs in one pass only in realtime VBR mode: a CRF
+    or CBR rate control gets none.)"""
+    return encode_clip(path, frames, "libvpx-vp9", bit_rate=200_000, options={
+        "deadline": "realtime", "cpu-used": "5", "lag-in-frames": "25", "auto-alt-ref": "1"})
 
 
 def test_trailing_packets_that_show_no_frame_are_not_counted(tmp_path):
@@ -196,15 +188,8 @@ def test_superframe_index_with_two_byte_sizes():
 
 
 def test_vp8_frames_with_show_frame_cleared(tmp_path):
-    clip = tmp_path / "clip.webm"
-    with av.open(str(clip), "w") as container:
-        stream = container.add_stream("libvpx", rate=30, options={"deadline": "realtime", "cpu-used": "8"})
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for pts, rgb in enumerate(index_frames(30, 48, 64)):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = pts
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+    clip = encode_clip(tmp_path / "clip.webm", index_frames(30, 48, 64), "libvpx",
+                       options={"deadline": "realtime", "cpu-used": "8"})
     assert probe_video(clip).num_frames == 30 == decoded_frame_count(clip)
     hidden = hide_frames(clip, tmp_path / "hidden_tail.webm", range(26, 30), flag=0x10)
     assert probe_video(hidden).num_frames == 26 == decoded_frame_count(hidden)

@@ -102,6 +102,25 @@ def write_video(path: str | Path, frames_thwc: np.ndarray, fps: int = 30, codec:
     return path
 
 
+def encode_clip(path: str | Path, frames_thwc: np.ndarray, encoder: str, pix_fmt: str = "yuv420p",
+                options: dict | None = None, bit_rate: int | None = None) -> Path:
+    """Encodes RGB uint8 frames (T, H, W, 3) with any PyAV encoder and its options (the container from the suffix of
+    `path`), one frame per pts at 30 fps: for the clip kinds VideoWriter's presets do not make (AV1, VP8, 10-bit
+    H.264, libvpx alt-ref frames, which it places in one pass only with a VBR `bit_rate`)."""
+    path = Path(path)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=30, options=options or {})
+        stream.width, stream.height, stream.pix_fmt = frames_thwc.shape[2], frames_thwc.shape[1], pix_fmt
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        for pts, rgb in enumerate(frames_thwc):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
 def index_colour(index: int) -> tuple[int, int, int]:
     """The RGB colour that encodes frame `index` (0..511): one of 8 well-separated levels per channel."""
     if not 0 <= index < INDEX_LEVELS**3:
