@@ -70,6 +70,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 RECIPES = ("k400_8x8x1.yaml", "k400_32x2x1.yaml")
 DEFAULT_BUDGET_S = 300
+MIN_STEP_S = 3  # a step whose share is shorter is skipped (recorded with its share), not started
 GPU_TESTS_FLOOR_S = 120  # gpu_tests' share is at least this (when the budget has it): the GPU tests need ~1-2 min
 SLOW_GPU_TESTS_S = 150  # the slow GPU tests run only with this much of the step's share left (five train.py runs)
 # gpu_tests' share grows by SLOW_GPU_TESTS_S when this much of the budget is left at it (--budget 700 or more)
@@ -597,7 +598,7 @@ def run_benchmarks(suite: Suite, step: str, budget_s: float, log, commands: list
     failures = []
     for label, argv in commands:
         left = deadline - time.monotonic()
-        if left < 3:
+        if left < MIN_STEP_S:
             suite.write({"step": step, "command": label, "type": "command", "status": "skipped",
                          "reason": "the step's share of the budget was spent"})
             continue
@@ -834,8 +835,10 @@ def run_suite(args: argparse.Namespace) -> int:
             started = time.monotonic()
             record = {"step": step.name, "type": "step", "budget_s": round(budget_s, 1),
                       "log": f"{LOGS_ARCHIVE}:{log_name}"}
-            if budget_s < 3:
-                record.update(status="skipped", reason=f"budget spent ({left:.0f} s left of {args.budget:.0f} s)")
+            if budget_s < MIN_STEP_S:
+                record.update(status="skipped", reason=f"its share of the budget, {budget_s:.1f} s, is under the "
+                                                       f"{MIN_STEP_S} s a step needs ({left:.0f} s left of "
+                                                       f"{args.budget:.0f} s)")
             else:
                 print(f"gpu_suite: step {index + 1} {step.name}, {budget_s:.0f} s", file=sys.stderr, flush=True)
                 with open(log_path, "a") as log:

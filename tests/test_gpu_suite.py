@@ -137,8 +137,15 @@ def test_the_suite_ends_within_its_budget(tmp_path):
     assert records[-1]["type"] == "suite_end"
     steps = [r for r in records if r.get("type") == "step"]
     assert [s["step"] for s in steps] == [s.name for s in gpu_suite.STEPS]
-    cut = [r for r in records if r.get("status") == "timed_out"]
-    assert cut, "no command was cut short: the budget did not bind, so the test proves nothing"
+    # the budget binds: a command cut short, a step whose share was too short to start, or work left out because
+    # its step's share was spent (which of them depends on the machine's speed; the first step's share of 30 s is
+    # under MIN_STEP_S by the plan's arithmetic, so at least that one holds on any machine)
+    bound = [r for r in records if r.get("status") == "timed_out"
+             or (r.get("status") == "skipped" and "budget" in r.get("reason", ""))]
+    assert bound, "the budget did not bind: nothing was cut short or left out, so the test proves nothing"
+    first = steps[0]
+    assert first["budget_s"] < gpu_suite.MIN_STEP_S and first["status"] == "skipped", first
+    assert f"{first['budget_s']:.1f} s, is under" in first["reason"], first
     for step in steps:  # each step inside its share, but for the kill's grace periods (SIGTERM, then SIGKILL)
         assert step["elapsed_s"] <= step["budget_s"] + 2 * gpu_suite.KILL_GRACE_S, step
     assert not list(tmp_path.glob("gpu_suite_*")), "the temporary folder was not removed"
