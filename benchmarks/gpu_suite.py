@@ -327,14 +327,27 @@ class Suite:
         return argv + (["--smoke"] if self.smoke else []) + list(extra)
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):  # the process ended while we looked
+        return None
+
+
+def _processes() -> dict[int, list[str]]:
+    """Every process's stat fields (_stat_fields), by pid; {} off Linux."""
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(entry.name)
+        if fields is not None:
+            found[int(entry.name)] = fields
+    return found
+
+
 def _descendants(pid: int) -> list[int]:
     """Live descendants of `pid` (children, theirs, ...), from /proc; [] off Linux."""
-    parents = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # the process ended while we looked
-            continue
+    parents = {p: int(fields[1]) for p, fields in _processes().items()}
     found, frontier = [], [pid]
     while frontier:
         parent = frontier.pop()
@@ -364,7 +377,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
         deadline = time.monotonic() + KILL_GRACE_S
         while time.monotonic() < deadline:  # a poll with a deadline: the tree ends in milliseconds or not at all
-            if proc.poll() is not None and not _group_alive(proc.pid) and not any(_alive(p) for p in strays):
+            if proc.poll() is not None and not _group_alive(proc.pid) and not any(process_alive(p) for p in strays):
                 return
             time.sleep(0.05)
     proc.wait()
@@ -377,24 +390,14 @@ def _process_group(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether a process exists and is not a zombie (an exited child nobody reaped yet)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def _group_alive(pgid: int) -> bool:
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+    return any(int(fields[2]) == pgid and fields[0] not in ("Z", "X") for fields in _processes().values())
 
 
 def _log_tail(log, start: int, lines: int = 25) -> str:

@@ -37,15 +37,6 @@ def wait_until(condition, timeout_s: float = 30.0) -> bool:
     return condition()
 
 
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (killed, re-parented, not yet reaped by init)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 @pytest.mark.slow
 def test_smoke_run_records_every_step_and_prints_the_goal_table(tmp_path):
     out = tmp_path / "gs"
@@ -172,8 +163,8 @@ def test_a_timed_out_command_is_killed_with_its_whole_process_tree(tmp_path, mon
     assert result.status == "timed_out"
     assert pids.is_file(), "the grandchildren did not start within the 10 s limit (machine overloaded?)"
     grandchildren = [int(p) for p in pids.read_text().split()]
-    assert wait_until(lambda: not any(alive(p) for p in grandchildren)), \
-        [p for p in grandchildren if alive(p)]
+    assert wait_until(lambda: not any(gpu_suite.process_alive(p) for p in grandchildren)), \
+        [p for p in grandchildren if gpu_suite.process_alive(p)]
 
 
 @pytest.mark.slow
