@@ -38,7 +38,7 @@ from dali_pipes.index import VideoIndex
 from dali_pipes.lists import ListError
 from dali_pipes.loader import LoaderError, VideoLoader, mode_list, open_list_index
 from model import CheckpointError
-from threads_env import user_omp_num_threads
+from threads_env import core_share, cores_and_processes, user_omp_num_threads
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ class ThreadBudget:
     @property
     def share(self) -> int:
         """The cores one process may count on (at least one)."""
-        return max(1, self.cores // self.processes)
+        return core_share(self.cores, self.processes)
 
     def describe(self) -> str:
         used = self.dali_threads + self.source_workers + (self.torch_threads or 0)
@@ -382,8 +382,7 @@ def decide_thread_budget(num_threads: int, source_workers: int, on_gpu: bool, co
     setting (torch a thread per core, DALI 4, spinning waits) at 0.67x under load. On a GPU torch does little CPU work:
     its threads are left alone and DALI gets min(GPU_AUTO_DALI_THREADS, what the share leaves).
     """
-    share = max(1, cores // max(processes, 1))
-    room = max(1, share - source_workers)  # for DALI and torch together
+    room = max(1, core_share(cores, processes) - source_workers)  # for DALI and torch together
     torch_threads: int | None = None
     torch_from = "torch default"
     if omp_num_threads:
@@ -411,10 +410,9 @@ def decide_thread_budget(num_threads: int, source_workers: int, on_gpu: bool, co
 def apply_thread_budget(cfg: Config, ctx: DistContext) -> Config:
     """Decides this process's thread budget once (decide_thread_budget), sets torch's intra-op threads, logs it in
     one line and returns cfg with data.num_threads resolved (cfg itself keeps 0 = auto, as the user wrote it)."""
+    cores, processes = cores_and_processes()
     budget = decide_thread_budget(cfg.data.num_threads, cfg.data.source_workers, ctx.device.type == "cuda",
-                                  cores=len(os.sched_getaffinity(0)),
-                                  processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                                  omp_num_threads=user_omp_num_threads())
+                                  cores=cores, processes=processes, omp_num_threads=user_omp_num_threads())
     if budget.torch_threads is not None and budget.torch_threads != torch.get_num_threads():
         torch.set_num_threads(budget.torch_threads)
     if ctx.is_main:

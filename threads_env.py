@@ -19,12 +19,22 @@ import os
 AUTO_MARK = "R2P1D_AUTO_OMP_NUM_THREADS"
 
 
+def cores_and_processes() -> tuple[int, int]:
+    """(CPUs this process may run on, processes of the job on this machine sharing them: torchrun's
+    LOCAL_WORLD_SIZE, 1 without torchrun)."""
+    return len(os.sched_getaffinity(0)), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
+def core_share(cores: int, processes: int) -> int:
+    """The cores one of `processes` processes may count on: an equal part, at least one."""
+    return max(1, cores // max(processes, 1))
+
+
 def set_openmp_defaults() -> None:
     """Sets OMP_WAIT_POLICY and OMP_NUM_THREADS where the environment has no value (module docstring)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if not os.environ.get("OMP_NUM_THREADS"):
-        share = max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-        os.environ["OMP_NUM_THREADS"] = os.environ[AUTO_MARK] = str(share)
+        os.environ["OMP_NUM_THREADS"] = os.environ[AUTO_MARK] = str(core_share(*cores_and_processes()))
 
 
 def user_omp_num_threads() -> str | None:
