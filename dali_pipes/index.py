@@ -165,9 +165,7 @@ class VideoIndex:
 
     def paths(self) -> list[str]:
         """Every video's path, row order (decodes all of them: for the prober, not the data loader)."""
-        blob = bytes(self.path_blob)
-        offsets = self.path_offsets.tolist()
-        return [blob[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])]
+        return _strings(self.path_offsets, self.path_blob)
 
     def stat(self, row: int) -> tuple[int, int]:
         return int(self.size[row]), int(self.mtime_ns[row])
@@ -232,14 +230,12 @@ def write_index(path: str | Path, meta: ListMeta, paths: list[str], stats: np.nd
     if ((source < 0) & ~np.isin(np.arange(n), new_rows)).any():
         raise ValueError("every row needs a new entry or a source row")
     arrays: dict[str, np.ndarray] = {}
-    encoded = [p.encode() for p in paths]
-    arrays["path_offsets"] = np.concatenate([[0], np.cumsum([len(e) for e in encoded], dtype=np.int64)])
-    arrays["path_blob"] = np.frombuffer(b"".join(encoded), np.uint8)
+    arrays["path_offsets"], arrays["path_blob"] = _blob([p.encode() for p in paths])
     stats = np.asarray(stats, np.int64).reshape(n, 2)
     arrays["size"], arrays["mtime_ns"] = stats[:, 0].copy(), stats[:, 1].copy()
 
     # Reasons and string tables: the old tables first, so copied ids stay valid; new strings appended.
-    reasons = _StringTable(_old_reasons(old))
+    reasons = _StringTable(_strings(old.reason_offsets, old.reason_blob) if old is not None else [])
     strings = {column: _StringTable(old.strings[column] if old is not None else []) for column in _STRING_COLUMNS}
     reason = np.full(n, -1, np.int32)
     scalars = {column: np.zeros(n, np.int32) for column in _SCALAR_COLUMNS}
@@ -299,11 +295,10 @@ class _StringTable:
         return self._ids[value]
 
 
-def _old_reasons(old: VideoIndex | None) -> list[str]:
-    if old is None:
-        return []
-    blob, offsets = bytes(old.reason_blob), old.reason_offsets.tolist()
-    return [blob[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:])]
+def _strings(offsets: np.ndarray, blob: np.ndarray) -> list[str]:
+    """Every string of a CSR pair (offsets, UTF-8 blob), in order: the inverse of _blob."""
+    data, bounds = bytes(blob), offsets.tolist()
+    return [data[a:b].decode() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
@@ -315,6 +310,7 @@ def _narrow(values: np.ndarray) -> np.ndarray:
 
 
 def _blob(parts: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64, blob uint8): the CSR pair of `parts`."""
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts], dtype=np.int64)]).astype(np.int64)
     return offsets, np.frombuffer(b"".join(parts), np.uint8)
 
