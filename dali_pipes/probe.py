@@ -164,28 +164,39 @@ def matroska_blocks(data: bytes | memoryview) -> list[tuple[int, int, int, int]]
     pos, end = 0, len(data)
     while pos < end:
         element = pos
-        id_length = 9 - data[pos].bit_length()  # the ID keeps its length marker: 1..4 bytes
+        id_length = _vint_length(data[pos])  # the ID keeps its length marker: 1..4 bytes
         if not 1 <= id_length <= 4 or pos + id_length >= end:
             break
         element_id = int.from_bytes(data[pos:pos + id_length], "big")
         pos += id_length
-        size_length = 9 - data[pos].bit_length()
+        size_length = _vint_length(data[pos])
         if not 1 <= size_length <= 8 or pos + size_length > end:
             break
-        size = int.from_bytes(data[pos:pos + size_length], "big") & ((1 << (7 * size_length)) - 1)
+        size = _vint_value(data, pos, size_length)
         pos += size_length
         if element_id in (_SEGMENT, _CLUSTER, _BLOCK_GROUP):
             continue  # its children follow (an unknown size, all ones, is fine here)
         if pos + size > end:
             break
         if element_id in (_SIMPLE_BLOCK, _BLOCK):
-            track_length = 9 - data[pos].bit_length()
-            track = int.from_bytes(data[pos:pos + track_length], "big") & ((1 << (7 * track_length)) - 1)
+            track_length = _vint_length(data[pos])
+            track = _vint_value(data, pos, track_length)
             head = track_length + 3  # track number, int16 timecode, flags
             laced = data[pos + track_length + 2] & 0x06
             out.append((element, -1, -1, track) if laced else (element, pos + head, size - head, track))
         pos += size
     return out
+
+
+def _vint_length(first: int) -> int:
+    """Bytes of an EBML variable-length integer whose first byte is `first`: 1 + its leading zero bits (9: none set,
+    not a valid vint)."""
+    return 9 - first.bit_length()
+
+
+def _vint_value(data: bytes | memoryview, pos: int, length: int) -> int:
+    """The value of the `length`-byte EBML variable-length integer at `pos`, its length marker removed."""
+    return int.from_bytes(data[pos:pos + length], "big") & ((1 << (7 * length)) - 1)
 
 
 def _locate(blob: bytes, pos: int | None, data: bytes) -> int:
