@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dali_pipes.lists import VIDEO_EXTENSIONS, ListError, read_class_names  # noqa: E402
 from dali_pipes.index import index_file, prepare_index, unchanged_entries  # noqa: E402
-from dali_pipes.probe import CPU_CODECS, probe_videos  # noqa: E402
+from dali_pipes.probe import CPU_CODECS, file_stat, probe_videos  # noqa: E402
 from tools.make_synthetic import CODECS, VideoWriter  # noqa: E402
 
 LIST_NAMES = {"train": "kinetics400_train_list_videos.txt", "val": "kinetics400_val_list_videos.txt"}
@@ -149,7 +149,7 @@ def reencode_split(split_dir: Path, clips: list[Clip], out_dir: Path, args) -> t
         entry = known.get(source)
         if target.is_file():
             done += 1
-        elif entry is not None and (entry.get("size"), entry.get("mtime_ns")) == _size_and_mtime(source):
+        elif entry is not None and (entry.get("size"), entry.get("mtime_ns")) == file_stat(source):
             failures[source], record[source] = f"{entry['error']} (recorded in {out_dir / FAILURES_NAME}; tried " \
                                                "again once the file changes)", entry
         else:
@@ -161,7 +161,7 @@ def reencode_split(split_dir: Path, clips: list[Clip], out_dir: Path, args) -> t
             source, error = future.result()
             if error is not None:
                 failures[source] = error
-                size, mtime_ns = _size_and_mtime(source)
+                size, mtime_ns = file_stat(source)
                 record[source] = {"size": size, "mtime_ns": mtime_ns, "error": error}
             bar.update()
     if record or known:
@@ -183,14 +183,6 @@ def read_failure_record(path: Path) -> dict[str, dict]:
         sys.exit(f"error: {path}: not a re-encode failure record (expected {{path: {{size, mtime_ns, error}}}}); "
                  "delete it to try every file again")
     return record
-
-
-def _size_and_mtime(path: str) -> tuple[int, int] | tuple[None, None]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None, None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def resolve_codec(codec: str) -> str:
