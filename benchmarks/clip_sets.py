@@ -34,7 +34,7 @@ def add_clip_set_arguments(parser: argparse.ArgumentParser) -> None:
     """--clip-set, or --data-dir, --codec, --gop, --num-videos and --frames of a generated set."""
     parser.add_argument("--clip-set", default=None, metavar="DIR",
                         help="an existing K400-like set (a folder with train_list.txt) instead of a generated one; a "
-                             "repeated list and its probe cache are written into it")
+                             "repeated list and its video index are written into it")
     parser.add_argument("--data-dir", default="/tmp/r2plus1d_bench",
                         help="where the generated clip set is cached (one folder per codec and GOP)")
     parser.add_argument("--codec", choices=("vp9", "h264"), default=None,
@@ -86,7 +86,7 @@ def bench_config(config: str, overrides: list[str], folder: Path, min_videos: in
     """The recipe with every list pointed at `folder`'s clips, repeated to at least `min_videos` entries.
 
     A repeated list lets a benchmark run many batches inside one epoch; each entry is its own video index, so an
-    evaluation over it scores every entry once. The repeated list (and its probe cache) is written into `folder`.
+    evaluation over it scores every entry once. The repeated list (and its video index) is written into `folder`.
     """
     folder = Path(folder)
     lines = [line for line in (folder / "train_list.txt").read_text().splitlines() if line.strip()]

@@ -84,8 +84,9 @@ def nvdec_refusal(codec: str, profile: str, pix_fmt: str, width: int, height: in
     if codec not in _SIZES:
         return f"NVDEC does not decode {codec}"
     if codec == "vp9" and hidden_frames < 0:
-        return ("VP9 whose hidden (alt-ref) frames are not known: probed by an older version (probe it again: remove "
-                "the list's probe cache); NVDEC's frame numbering of VP9 with hidden frames is unproven")
+        return ("VP9 whose hidden (alt-ref) frames are not known: probed by an older version (its probe cache was "
+                "converted; to probe again, delete the list's .index and its old .probe.json); NVDEC's frame "
+                "numbering of VP9 with hidden frames is unproven")
     if codec == "vp9" and hidden_frames > 0:
         return f"VP9 with {hidden_frames} hidden (alt-ref) frames: NVDEC's frame numbering of those is unproven"
     fmt = pixel_format(pix_fmt)

@@ -123,7 +123,7 @@ def test_rank_zeros_start_error_is_raised_on_every_rank(tmp_path):
 
 
 def copy_list(motion_set: Path, folder: Path) -> Path:
-    """The motion set's training list in a folder of its own, so its probe cache shows whether it was probed."""
+    """The motion set's training list in a folder of its own, so its video index shows whether it was probed."""
     folder.mkdir()
     return Path(shutil.copy(motion_set / "train_list.txt", folder / "train_list.txt"))
 
