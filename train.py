@@ -48,7 +48,7 @@ from checkpoints import (LATEST_NAME, Progress, check_resumable, config_differen
                          process_state, remove_stale_temp_files, restore_process_state, restore_training_state,
                          training_checkpoint, write_checkpoint_files)
 from config import Config, ConfigError, add_config_arguments, format_config, load_config, save_config
-from dali_pipes.lists import read_video_list
+from dali_pipes.index import check_list, index_file
 from dali_pipes.loader import mode_list
 from evaluate import EvalResult, evaluate
 from model import build_model, convert_sync_batchnorm, load_checkpoint
@@ -409,13 +409,14 @@ def resume_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def check_start(cfg: Config, args: argparse.Namespace) -> None:
-    """The checks that take seconds, made before the work dir is touched: the list files are read and parsed (not
-    probed) and a --resume PATH must be a training checkpoint. A start that fails here leaves nothing behind."""
+    """The checks that take seconds at most, made before the work dir is touched: the list files parse, with
+    labels in range (index.check_list: from the list's index when it is current, else by parsing the list; not
+    probed), and a --resume PATH must be a training checkpoint. A start that fails here leaves nothing behind."""
     for mode in ("train",) if args.no_validate else ("train", "val"):
         list_file, root = mode_list(cfg.data, mode)
         if not list_file:
             raise ConfigError(f"data.{mode}_list: no list file given for {mode}")
-        read_video_list(list_file, root, cfg.model.num_classes)
+        check_list(list_file, root, cfg.model.num_classes, index_file(list_file, cfg.data.index_dir))
     if args.resume not in (None, "auto"):
         check_resumable(Path(args.resume))
 

@@ -21,6 +21,8 @@ in a fresh process each (the index's pages warm in the page cache, as for every 
 a fresh index), against the probe plus the version-3 JSON cache write the code before it did (the same probe
 results dumped as that file's entries), same run.
 - `gpu_routing_plan`: seconds of nvdec.plan_decoding over every usable video (what a GPU rank adds at start-up).
+- `start_checks`: seconds of train.py's list check before it touches the work dir, from the current index
+  (`index_s`, index.check_list) and by parsing the list (`parse_s`, what a list changed since its index costs).
 `cut` (once): ms per GOP cut, block parse against packet table, on the real clips.
 One JSON line per measurement (stdout).
 """
@@ -194,6 +196,8 @@ def measure(list_file: str, root: str) -> None:
     import torch  # noqa: F401  (imported before the clock, as train.py has it)
 
     from config import DataConfig
+    from dali_pipes.index import check_list
+    from dali_pipes.lists import read_video_list
     from dali_pipes.loader import BatchSource, PathSequence, VideoLoader, open_list_index
     from dali_pipes.nvdec import plan_decoding
     from dali_pipes.probe import CPU_CODECS
@@ -227,6 +231,15 @@ def measure(list_file: str, root: str) -> None:
                               CPU_CODECS)
     record("gpu_routing_plan", videos=videos, seconds=round(time.perf_counter() - start, 3),
            decoded_on_cpu=int(sum(on_cpu)))
+    # train.py's rank 0 checks the list before it touches the work dir: from the current index (index.check_list),
+    # against parsing the list (what that check did before, and still does for a list changed since its index).
+    start = time.perf_counter()
+    check_list(list_file, root, NUM_CLASSES, index.path)
+    from_index = time.perf_counter() - start
+    start = time.perf_counter()
+    read_video_list(list_file, root, NUM_CLASSES)
+    record("start_checks", videos=videos, index_s=round(from_index, 4),
+           parse_s=round(time.perf_counter() - start, 3))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -475,6 +475,23 @@ def check_labels(index: VideoIndex, list_file: str, root: str, num_classes: int)
         raise VideoIndexError(f"{index.path}: labels outside [0, {num_classes}) in its list {list_file}")
 
 
+def check_list(list_file: str, root: str, num_classes: int, index_path: str | Path) -> None:
+    """ListError (one line, naming file:line) unless `list_file` parses and its labels lie in [0, num_classes).
+
+    From the index when it is current for the list (same size, mtime and root: its lines were parsed when it was
+    written, and the labels are checked on its arrays), so a start with a current index parses nothing (a parse
+    of Kinetics-400's 240k-line list takes seconds); else by parsing the list."""
+    try:
+        index = VideoIndex.open(index_path)
+        current = index.matches(ListMeta.of(list_file, root))
+    except VideoIndexError:  # no index, a damaged one, or no list (the parse below names it)
+        current = False
+    if current:
+        check_labels(index, list_file, root, num_classes)
+    else:
+        read_video_list(list_file, root, num_classes)
+
+
 def prepare_index(list_file: str, root: str, num_classes: int, index_path: str | Path, num_workers: int = 8,
                   progress: Callable[[int, int], None] | None = None,
                   known: dict[str, VideoInfo | str] | None = None) -> VideoIndex:

@@ -21,7 +21,8 @@ import pytest
 import dali_pipes.index as index_module
 import dali_pipes.lists as lists_module
 from config import DataConfig, load_config
-from dali_pipes.index import (VideoIndex, append_mark, index_file, journal_file, prepare_index, write_arrays)
+from dali_pipes.index import (VideoIndex, append_mark, check_list, index_file, journal_file, prepare_index,
+                              write_arrays)
 from dali_pipes.loader import BatchSource, LoaderError, VideoLoader
 from dali_pipes.probe import probe_video
 from journal_marker import mark_many
@@ -251,6 +252,29 @@ def test_a_current_index_is_opened_without_reading_the_list_or_statting_its_vide
     assert calls == {"list": 1, "stat": 3, "probe": 1} and grown.num_frames.tolist() == [40, 20, 12]
 
 
+def test_the_start_checks_take_a_current_list_from_its_index_and_parse_any_other(clips, monkeypatch):
+    """train.py's check before it touches the work dir (index.check_list): with the list's index current, no parse
+    (seconds at Kinetics size), and a label outside the model's classes still named by file:line; a list changed
+    since its index, or one without an index, is parsed, its malformed line named."""
+    folder, a, b, _ = clips
+    list_file = write_list(folder, [(a, 0), (b, 1)])
+    path = index_file(list_file)
+    parses = []
+    monkeypatch.setattr(index_module, "read_video_list",
+                        lambda *args: parses.append(args) or lists_module.read_video_list(*args))
+    check_list(str(list_file), "", 2, path)  # no index yet: parsed
+    assert len(parses) == 1
+    prepare_index(str(list_file), "", 2, path)
+    parses.clear()
+    check_list(str(list_file), "", 2, path)
+    assert parses == [], "a list whose index is current was parsed again"
+    with pytest.raises(lists_module.ListError, match=rf"{list_file}:2: label 1 is outside \[0, 1\)"):
+        check_list(str(list_file), "", 1, path)
+    list_file.write_text(f"{a} 0\n{b} one\n")  # changed since its index: parsed, and the bad line named
+    with pytest.raises(lists_module.ListError, match=rf"{list_file}:2: label must be an integer"):
+        check_list(str(list_file), "", 2, path)
+
+
 def test_runtime_opens_the_index_once_and_the_loader_takes_it(clips, monkeypatch):
     folder, a, b, _ = clips
     list_file = write_list(folder, [(a, 0), (b, 1)])
@@ -355,7 +379,7 @@ def test_index_scale_benchmark_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     records = {r["variant"]: r for r in map(json.loads, done.stdout.splitlines())}
     assert set(records) == {"cold_probe", "cut", "index_file", "warm_start", "memory", "source_payload",
-                            "gpu_routing_plan"}
+                            "gpu_routing_plan", "start_checks"}
     assert records["warm_start"]["videos"] == records["index_file"]["videos"] == 1400
     # The synthetic clips are 340x256 VP9 without alt-refs: Hopper's NVDEC takes them all.
     assert records["gpu_routing_plan"]["videos"] == 1400 and records["gpu_routing_plan"]["decoded_on_cpu"] == 0
