@@ -639,35 +639,36 @@ def step_train_step(suite: Suite, budget_s: float, log) -> tuple[str, str]:
                                                      "bf16_cl_fused_compile", *batch), 0.35))
 
 
-def step_end_to_end(suite: Suite, budget_s: float, log) -> tuple[str, str]:
+def run_on_clip_set(suite: Suite, step: str, budget_s: float, log,
+                    commands: Callable[[str], list[tuple[str, list[str]]]]) -> tuple[str, str]:
+    """run_benchmarks over commands(folder of the main clip set), the clip sets made first when needed."""
     failure = clip_sets_failure(suite, time.monotonic() + budget_s, log)
     if failure is not None:
         return failure
     folder, _ = main_set(suite)
+    return run_benchmarks(suite, step, budget_s, log, commands(folder))
+
+
+def step_end_to_end(suite: Suite, budget_s: float, log) -> tuple[str, str]:
     script = "benchmarks/end_to_end.py"
     if suite.smoke:
-        commands = [("end_to_end", suite.python(script, "--smoke", "--clip-set", folder, "--configs", RECIPES[0]))]
-    else:
-        commands = [(f"end_to_end {Path(r).stem}", suite.python(script, "--clip-set", folder, "--configs", r,
-                                                                "--set", "train.batch_size=8", "--warmup", "3",
-                                                                "--steps", "15"))
-                    for r in reversed(RECIPES)]  # 32x2x1 first: the data-wait goal is stated for it
-    return run_benchmarks(suite, "end_to_end", budget_s, log, commands)
+        return run_on_clip_set(suite, "end_to_end", budget_s, log, lambda folder: [
+            ("end_to_end", suite.python(script, "--smoke", "--clip-set", folder, "--configs", RECIPES[0]))])
+    return run_on_clip_set(suite, "end_to_end", budget_s, log, lambda folder: [
+        (f"end_to_end {Path(r).stem}", suite.python(script, "--clip-set", folder, "--configs", r, "--set",
+                                                    "train.batch_size=8", "--warmup", "3", "--steps", "15"))
+        for r in reversed(RECIPES)])  # 32x2x1 first: the data-wait goal is stated for it
 
 
 def step_evaluate(suite: Suite, budget_s: float, log) -> tuple[str, str]:
-    failure = clip_sets_failure(suite, time.monotonic() + budget_s, log)
-    if failure is not None:
-        return failure
-    folder, _ = main_set(suite)
     script = "benchmarks/evaluate.py"
     if suite.smoke:
-        commands = [("evaluate", suite.python(script, "--smoke", "--clip-set", folder))]
-    else:
-        commands = [(f"evaluate {Path(r).stem}", suite.python(script, "--config", r, "--clip-set", folder,
-                                                              "--workers", str(suite.cores), "--steps", "16"))
-                    for r in RECIPES]
-    return run_benchmarks(suite, "evaluate", budget_s, log, commands)
+        return run_on_clip_set(suite, "evaluate", budget_s, log, lambda folder: [
+            ("evaluate", suite.python(script, "--smoke", "--clip-set", folder))])
+    return run_on_clip_set(suite, "evaluate", budget_s, log, lambda folder: [
+        (f"evaluate {Path(r).stem}", suite.python(script, "--config", r, "--clip-set", folder, "--workers",
+                                                  str(suite.cores), "--steps", "16"))
+        for r in RECIPES])
 
 
 STEP_FUNCTIONS = {"machine": step_machine, "decode": step_decode, "gpu_tests": step_gpu_tests,
